@@ -1,0 +1,147 @@
+"""The threshold ξ of AMAT, calibrated on a normally trained model (method doc §3).
+
+Run the STD model over the clean training set, collect every sample's loss per term, and set
+``ξ_k = location_k + z · scale_k``: mean and standard deviation by default, or Huber's robust location and
+scale (the authors' scripts). The result is written to ``xi.json`` together with the SHA-256 of the
+checkpoint it came from; :func:`load_xi` reads it back for AMAT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["ESTIMATORS", "huber_location_scale", "compute_xi", "write_xi", "load_xi", "file_sha256", "atomic_write_text"]
+
+ESTIMATORS = ("mean_std", "huber")
+
+
+def huber_location_scale(values: torch.Tensor, c: float = 1.345, iterations: int = 50) -> tuple[float, float]:
+    """Huber M-estimate of location with the normalised MAD as scale.
+
+    The scale is ``1.4826 · median(|v − median(v)|)`` (consistent with the standard deviation for normal
+    data); the location is found by iteratively re-weighted means with Huber weights ``min(1, c / |r|)``.
+    """
+    v = values.double().flatten()
+    median = v.median()
+    scale = 1.4826 * (v - median).abs().median()
+    if scale <= 0:
+        return float(median), 0.0
+    location = median
+    for _ in range(iterations):
+        r = (v - location) / scale
+        w = torch.clamp(c / r.abs().clamp_min(1e-12), max=1.0)
+        new = (w * v).sum() / w.sum()
+        if torch.isclose(new, location, rtol=0, atol=1e-12):
+            break
+        location = new
+    return float(location), float(scale)
+
+
+def compute_xi(
+    losses: torch.Tensor, z: float = 0.0, estimator: str = "mean_std", term_names: list[str] | None = None
+) -> list[dict]:
+    """Per-term threshold statistics from ``[N]`` or ``[N, K]`` training losses.
+
+    Returns one dict per term: ``name, n, mean, std, location, scale, z, xi, estimator``
+    (``std`` is the sample standard deviation, ``ddof = 1``).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    if losses.dim() == 1:
+        losses = losses[:, None]
+    if losses.dim() != 2 or losses.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples of [N] or [N, K] losses to calibrate, got {tuple(losses.shape)}")
+    if not torch.isfinite(losses).all():
+        raise ValueError("losses contain non-finite values; the model or the data is broken")
+    names = term_names or [f"term{k}" for k in range(losses.shape[1])]
+    terms = []
+    for k, name in enumerate(names):
+        v = losses[:, k]
+        mean, std = float(v.mean()), float(v.std(unbiased=True))
+        location, scale = (mean, std) if estimator == "mean_std" else huber_location_scale(v)
+        terms.append(
+            {
+                "name": name,
+                "n": int(v.numel()),
+                "mean": mean,
+                "std": std,
+                "location": location,
+                "scale": scale,
+                "z": float(z),
+                "xi": location + z * scale,
+                "estimator": estimator,
+            }
+        )
+    return terms
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_xi(path: str | os.PathLike, terms: list[dict], checkpoint: str | os.PathLike | None = None) -> dict:
+    """Write ``xi.json`` (atomically) and return its content."""
+    content = {
+        "xi": [t["xi"] for t in terms],
+        "terms": terms,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+    }
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    return content
+
+
+def load_xi(source: str | os.PathLike | list | tuple | float | dict) -> torch.Tensor:
+    """Thresholds ``[K]`` from an ``xi.json`` path, its parsed content, or plain numbers.
+
+    Raises:
+        FileNotFoundError: naming the file, when ``xi.json`` is missing (run calibration first).
+        ValueError: naming the file, when it is not a valid ξ file.
+    """
+    name = "xi"
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"ξ file not found: {source} (AMAT needs thresholds from a normally trained model: "
+                "run `amat-monai calibrate` on the STD checkpoint first)"
+            )
+        try:
+            source = json.loads(Path(source).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON: {e}") from None
+    values = source.get("xi") if isinstance(source, dict) else source
+    try:
+        xi = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: 'xi' must be a number or a list of numbers, got {values!r}") from None
+    if xi.numel() == 0 or not all(math.isfinite(v) for v in xi.tolist()):
+        raise ValueError(f"{name}: 'xi' must hold finite numbers, got {values!r}")
+    return xi

@@ -1,0 +1,14 @@
+"""Ignite handlers that turn a MONAI ``SupervisedTrainer`` into VAT, AMAT or TEAT, and calibrate ξ."""
+
+from amat_monai.handlers.adaptive_margin import AdaptiveMarginHandler
+from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler, FixedMarginHandler
+from amat_monai.handlers.temporal_ensembling import TemporalEnsemblingHandler
+from amat_monai.handlers.xi_calibration import XiCalibrationHandler
+
+__all__ = [
+    "AdversarialTrainingHandler",
+    "FixedMarginHandler",
+    "AdaptiveMarginHandler",
+    "TemporalEnsemblingHandler",
+    "XiCalibrationHandler",
+]
