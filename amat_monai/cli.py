@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", type=_names, default=None, help="row names, in the order of the run folders")
     p.set_defaults(handler="amat_monai.reporting:compare_command")
 
+    p = sub.add_parser("serve", help="serve the bundles from a local MONAI Label server (needs the [label] extra)")
+    p.add_argument("--bundles", type=_names, default=None, help="bundle folders to serve (default: all shipped)")
+    p.add_argument("--studies", required=True, help="folder of images to label")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler="amat_monai.label.server:serve_command")
+
     p = sub.add_parser("demo", help="the embedded demo: synthetic data, STD / VAT / AMAT, robust evaluation")
     p.add_argument("--output-dir", default="demo_runs")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
