@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["SegmentationLoss", "MeanLoss", "term_names"]
+__all__ = ["SegmentationLoss", "LandmarkLoss", "MeanLoss", "term_names"]
 
 
 def term_names(loss_fn: nn.Module, num_terms: int) -> list[str]:
@@ -86,3 +86,66 @@ class MeanLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = self.terms(pred, target)
         return (losses if losses.dim() == 1 else losses.sum(dim=1)).mean()
+
+
+class LandmarkLoss(nn.Module):
+    """Heatmap + offset loss of landmark detection (method doc §6) per sample: ``[B, 3]`` =
+    (heatmap, offset_x, offset_y), so that AMAT keeps one threshold per term.
+
+    Args:
+        num_landmarks: ``K``; predictions and targets have ``3K`` channels ``[heatmaps, offsets x, offsets y]``
+            (see :mod:`amat_monai.landmarks`). ``None`` infers it from the channel count.
+        heatmap: ``"dice"`` (``0.5·(1 − soft Dice)`` of the sigmoid heatmaps, averaged over landmarks, which
+            the papers found more robust) or ``"bce"`` (binary cross-entropy with logits, averaged over pixels).
+        heatmap_weight, offset_weight: term weights.
+        smooth: soft Dice smoothing.
+
+    The offset terms are L1 distances averaged over the pixels inside the landmarks' discs (where the target
+    heatmap is positive); a sample with no disc pixel gets 0.
+    """
+
+    term_names = ("heatmap", "offset_x", "offset_y")
+
+    def __init__(
+        self,
+        num_landmarks: int | None = None,
+        heatmap: str = "dice",
+        heatmap_weight: float = 1.0,
+        offset_weight: float = 1.0,
+        smooth: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if heatmap not in ("dice", "bce"):
+            raise ValueError(f"heatmap must be 'dice' or 'bce', got {heatmap!r}")
+        self.num_landmarks = num_landmarks
+        self.heatmap = heatmap
+        self.heatmap_weight = heatmap_weight
+        self.offset_weight = offset_weight
+        self.smooth = smooth
+
+    def _split(self, t: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        channels = t.shape[1]
+        if t.dim() < 3 or channels % 3 or (self.num_landmarks is not None and channels != 3 * self.num_landmarks):
+            k = "3K" if self.num_landmarks is None else str(3 * self.num_landmarks)
+            raise ValueError(f"{name} must be [B, {k}, *spatial] (heatmaps, offsets x, offsets y), got {tuple(t.shape)}")
+        k = channels // 3
+        return t[:, :k].flatten(2), t[:, k : 2 * k].flatten(2), t[:, 2 * k :].flatten(2)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match prediction {tuple(pred.shape)}")
+        h_logit, ox, oy = self._split(pred, "pred")
+        h_true, tx, ty = self._split(target.to(pred.dtype), "target")
+        if self.heatmap == "dice":
+            prob = torch.sigmoid(h_logit)
+            inter = (prob * h_true).sum(dim=2)
+            denom = prob.sum(dim=2) + h_true.sum(dim=2)
+            dice = (2 * inter + self.smooth) / (denom + self.smooth)
+            heat = 0.5 * (1 - dice).mean(dim=1)
+        else:
+            heat = F.binary_cross_entropy_with_logits(h_logit, h_true, reduction="none").mean(dim=(1, 2))
+        mask = (h_true > 0).to(pred.dtype)
+        count = mask.sum(dim=(1, 2)).clamp_min(1.0)
+        off_x = ((ox - tx).abs() * mask).sum(dim=(1, 2)) / count
+        off_y = ((oy - ty).abs() * mask).sum(dim=(1, 2)) / count
+        return torch.stack([self.heatmap_weight * heat, self.offset_weight * off_x, self.offset_weight * off_y], dim=1)

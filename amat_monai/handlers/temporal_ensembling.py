@@ -99,7 +99,6 @@ class TemporalEnsemblingHandler(FixedMarginHandler):
         updated = self.momentum * targets + (1 - self.momentum) * clean_prob
         for k, sample_id in enumerate(cur.ids):
             self.ensemble[sample_id] = updated[k].detach().to("cpu", torch.float32)
-        self.current = None
 
     def state_dict(self) -> dict:
         return {"ensemble": dict(self.ensemble)}

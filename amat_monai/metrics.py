@@ -1,0 +1,313 @@
+"""Task metrics for robust evaluation: the plug-in interface, segmentation Dice and landmark radial errors.
+
+The robust evaluator (:mod:`amat_monai.evaluation`) knows nothing about tasks. It asks a :class:`TaskMetric`
+for per-sample values of the network output on clean and on attacked inputs, keeps the worst of several
+attack restarts per sample (judged by the metric's primary value ``metric.name``), and asks the metric to
+aggregate the kept per-sample values into the numbers that are reported.
+
+Writing a metric for a new task means subclassing :class:`TaskMetric` and implementing :meth:`per_sample`
+(and, when a plain mean over samples is not the right summary, :meth:`aggregate`). Example, the landmark
+metric, given a ``decode(pred, batch) -> [B, K, 2]`` function that returns predicted coordinates in original
+pixel units::
+
+    metric = LandmarkMetric(decode=my_decode, target_key="landmarks", spacing=0.1)
+
+Segmentation conventions (hard Dice ``2TP / (2TP + FP + FN)`` of the argmax prediction, per foreground class):
+
+* ``dice`` (primary, the papers' protocol): on slices whose label contains EVERY foreground class, the mean
+  over classes; other slices are undefined (NaN) and excluded from the average.
+* ``dice_fg``: on slices whose label contains ANY foreground class, the mean over the classes present in the
+  label or in the prediction (a class absent from both is excluded; a class predicted but absent from the
+  label scores 0). Slices without foreground in the label are NaN (excluded).
+* ``dice_3d``: per case (slices regrouped by the batch's ``"case"`` key), TP/FP/FN summed over the case's
+  evaluated slices, Dice per class (a class absent from both label and prediction in the whole case is
+  excluded), mean over classes, then mean over cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import get_confusion_matrix
+from monai.networks.utils import one_hot
+from monai.utils import CommonKeys
+
+__all__ = [
+    "TaskMetric",
+    "SegmentationMetric",
+    "LandmarkMetric",
+    "hard_dice_counts",
+    "dice_from_counts",
+    "radial_errors",
+    "mean_radial_error",
+    "successful_detection_rates",
+    "SDR_RADII_MM",
+]
+
+#: The SDR radii of the ISBI 2015 challenge, in mm.
+SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
+
+
+class TaskMetric:
+    """Interface between a task and the robust evaluator.
+
+    Subclasses set the class attributes and implement :meth:`per_sample`.
+
+    Attributes:
+        name: key of the primary value, the one that is reported, plotted and used to keep the worst attack
+            restart of each sample (e.g. ``"dice"``, ``"mre"``).
+        higher_is_better: ``True`` for Dice-like metrics, ``False`` for errors (MRE).
+        meta_keys: batch keys whose per-sample values the evaluator collects and hands to :meth:`aggregate`
+            (and writes to the CSV), e.g. ``("case", "slice")``.
+        tolerance: slack, in the primary metric's units, of the evaluator's sanity comparisons (a stronger
+            attack may be worse than a weaker one by this much before a warning is raised).
+        break_fraction: the "very large ε breaks the model" sanity check expects the primary value to fall
+            below ``break_fraction * clean`` (higher is better) or rise above ``clean / break_fraction``.
+    """
+
+    name: str = "metric"
+    higher_is_better: bool = True
+    meta_keys: tuple[str, ...] = ()
+    tolerance: float = 0.01
+    break_fraction: float = 0.1
+
+    def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-sample values of one batch.
+
+        Args:
+            pred: the network output for the (clean or attacked) input, ``[B, ...]``, exactly what the
+                inference path returns (logits; no post-processing applied).
+            batch: the collated batch dictionary. ``batch["label"]`` (the evaluator's label key) is the
+                prepared label tensor on the evaluation device; the other entries are as collated.
+
+        Returns:
+            A dict of ``[B]`` float tensors (any device). It must contain ``self.name``. ``NaN`` marks a value
+            that is undefined for that sample (excluded from averages). Keys starting with ``_`` are
+            internal (e.g. confusion counts for :meth:`aggregate`) and are not written to the CSV.
+        """
+        raise NotImplementedError
+
+    def aggregate(self, columns: Mapping[str, np.ndarray], meta: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """Summary values from the per-sample values of a whole test split.
+
+        Args:
+            columns: every key returned by :meth:`per_sample`, concatenated over batches, ``[N]`` arrays.
+            meta: ``"sample_id"`` and each of ``meta_keys``, ``N`` values each (``None`` when a batch lacked it).
+
+        Returns:
+            Summary values by name; must contain ``self.name``. The default is the mean over samples of each
+            public column, ignoring NaN (``NaN`` when every sample is undefined), plus ``n_<name>``, the number
+            of samples that defined the primary value.
+        """
+        out = {k: _nanmean(v) for k, v in columns.items() if not k.startswith("_")}
+        out[f"n_{self.name}"] = float(np.isfinite(np.asarray(columns[self.name], dtype=float)).sum())
+        return out
+
+    def is_worse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Elementwise: is value ``a`` worse than ``b``? (NaN compares as not worse.)"""
+        return a < b if self.higher_is_better else a > b
+
+
+def _nanmean(values: np.ndarray) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Segmentation
+# --------------------------------------------------------------------------------------------------------
+def hard_dice_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Per-sample, per-foreground-class confusion counts of the argmax prediction.
+
+    Args:
+        pred: logits or probabilities ``[B, C, *spatial]`` (argmax over ``C``), or integer class maps
+            ``[B, 1, *spatial]`` when ``num_classes`` is given.
+        label: integer labels ``[B, 1, *spatial]`` or ``[B, *spatial]``.
+        num_classes: number of classes including background; default ``pred.shape[1]``.
+
+    Returns:
+        ``[B, C - 1, 3]`` float counts (TP, FP, FN) for classes ``1 .. C-1``
+        (computed with :func:`monai.metrics.get_confusion_matrix`).
+    """
+    if label.dim() == pred.dim() - 1:
+        label = label[:, None]
+    if num_classes is None:
+        num_classes = pred.shape[1]
+        classes = pred.argmax(dim=1, keepdim=True)
+    else:
+        classes = pred if pred.shape[1] == 1 else pred.argmax(dim=1, keepdim=True)
+    if num_classes < 2:
+        raise ValueError(f"segmentation needs at least 2 classes (background + foreground), got {num_classes}")
+    if label.shape[0] != classes.shape[0] or label.shape[2:] != classes.shape[2:]:
+        raise ValueError(f"label shape {tuple(label.shape)} does not match prediction {tuple(pred.shape)}")
+    label = torch.as_tensor(label).long()
+    if label.min() < 0 or label.max() >= num_classes:
+        raise ValueError(f"label values must lie in [0, {num_classes - 1}], got [{int(label.min())}, {int(label.max())}]")
+    p = one_hot(torch.as_tensor(classes).long(), num_classes, dim=1)
+    y = one_hot(label, num_classes, dim=1)
+    cm = get_confusion_matrix(p, y, include_background=False)  # [B, C-1, 4] = tp, fp, tn, fn
+    return torch.stack([cm[..., 0], cm[..., 1], cm[..., 3]], dim=-1).float()
+
+
+def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Dice ``2TP / (2TP + FP + FN)`` from ``[..., 3]`` counts; ``NaN`` where the class is absent from both the
+    label and the prediction (``2TP + FP + FN == 0``)."""
+    tp, fp, fn = counts.unbind(-1)
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))
+
+
+class SegmentationMetric(TaskMetric):
+    """Average Dice Index over slices (the papers' protocol) and its variants; see the module docstring.
+
+    Args:
+        label_key: batch key of the label.
+        case_key: batch key of the case (volume) id, used by ``dice_3d``; ``dice_3d`` is NaN when absent.
+        slice_key: batch key of the slice index (written to the CSV).
+    """
+
+    name = "dice"
+    higher_is_better = True
+    tolerance = 0.01
+
+    def __init__(self, label_key: str = CommonKeys.LABEL, case_key: str = "case", slice_key: str = "slice") -> None:
+        self.label_key = label_key
+        self.case_key = case_key
+        self.meta_keys = (case_key, slice_key)
+
+    def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        label = batch[self.label_key]
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        counts = hard_dice_counts(pred.detach(), label.to(pred.device))  # [B, C-1, 3]
+        dice = dice_from_counts(counts)  # [B, C-1]
+        in_label = (counts[..., 0] + counts[..., 2]) > 0  # TP + FN > 0
+        all_present = in_label.all(dim=1)
+        any_present = in_label.any(dim=1)
+        nan = torch.full_like(dice[:, 0], float("nan"))
+        out = {
+            "dice": torch.where(all_present, dice.mean(dim=1), nan),
+            "dice_fg": torch.where(any_present, dice.nanmean(dim=1), nan),
+        }
+        for c in range(dice.shape[1]):
+            out[f"_tp{c + 1}"], out[f"_fp{c + 1}"], out[f"_fn{c + 1}"] = counts[:, c].unbind(-1)
+        return out
+
+    def aggregate(self, columns: Mapping[str, np.ndarray], meta: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        out = {
+            "dice": _nanmean(columns["dice"]),
+            "dice_fg": _nanmean(columns["dice_fg"]),
+            "n_dice": float(np.isfinite(np.asarray(columns["dice"], dtype=float)).sum()),
+            "n_dice_fg": float(np.isfinite(np.asarray(columns["dice_fg"], dtype=float)).sum()),
+        }
+        cases = meta.get(self.case_key)
+        if cases is None or any(c is None for c in cases):
+            out["dice_3d"], out["n_cases"] = float("nan"), float("nan")
+            return out
+        n_classes = sum(1 for k in columns if k.startswith("_tp"))
+        counts = np.stack(
+            [np.stack([columns[f"_{k}{c}"] for k in ("tp", "fp", "fn")], axis=-1) for c in range(1, n_classes + 1)],
+            axis=1,
+        )  # [N, C-1, 3]
+        case_ids = np.asarray([str(c) for c in cases])
+        per_case = []
+        for case in dict.fromkeys(case_ids):  # first-appearance order
+            summed = torch.as_tensor(counts[case_ids == case].sum(axis=0))
+            per_case.append(float(dice_from_counts(summed).nanmean()))
+        out["dice_3d"] = _nanmean(np.asarray(per_case))
+        out["n_cases"] = float(len(per_case))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Landmarks
+# --------------------------------------------------------------------------------------------------------
+def _coords(name: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() != 3 or t.shape[-1] != 2:
+        raise ValueError(f"{name} must be [B, K, 2] coordinates, got shape {tuple(t.shape)}")
+    return t
+
+
+def radial_errors(
+    pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray, spacing: float | Sequence[float] = 0.1
+) -> torch.Tensor:
+    """Euclidean distance between predicted and true landmarks, in mm.
+
+    Args:
+        pred: predicted coordinates ``[B, K, 2]`` in original pixel units (any consistent axis order).
+        true: true coordinates ``[B, K, 2]``, same units and axis order.
+        spacing: pixel spacing in mm, one number (isotropic, e.g. 0.1 for ISBI 2015) or one per axis in the
+            coordinates' axis order.
+
+    Returns:
+        ``[B, K]`` float64 radial errors in mm.
+    """
+    p, t = _coords("pred", pred), _coords("true", true)
+    if p.shape != t.shape:
+        raise ValueError(f"pred {tuple(p.shape)} and true {tuple(t.shape)} coordinates differ in shape")
+    s = torch.as_tensor(spacing, dtype=torch.float64)
+    if s.numel() not in (1, 2) or (s <= 0).any():
+        raise ValueError(f"spacing must be one positive number or two (one per axis), got {spacing!r}")
+    return ((p - t.to(p.device)) * s.to(p.device)).norm(dim=-1)
+
+
+def mean_radial_error(errors: torch.Tensor) -> torch.Tensor:
+    """Per-sample MRE ``[B]`` from ``[B, K]`` radial errors (mean over landmarks)."""
+    return errors.mean(dim=-1)
+
+
+def successful_detection_rates(errors: torch.Tensor, radii: Sequence[float] = SDR_RADII_MM) -> dict[float, torch.Tensor]:
+    """Per-sample successful detection rate ``[B]`` for each radius: the fraction of landmarks whose radial
+    error is at most the radius (the ISBI 2015 challenge counts ``error <= r`` as a success)."""
+    return {float(r): (errors <= r).double().mean(dim=-1) for r in radii}
+
+
+class LandmarkMetric(TaskMetric):
+    """Mean radial error (mm, primary, lower is better) and SDR at 2 / 2.5 / 3 / 4 mm.
+
+    Args:
+        decode: ``decode(pred, batch) -> [B, K, 2]`` predicted coordinates in original pixel units (the
+            task's heatmap/offset decoding, including any undoing of the input resize).
+        target_key: batch key of the true coordinates ``[B, K, 2]`` in original pixel units (same axis order).
+        spacing: pixel spacing in mm, or a batch key holding a per-sample spacing ``[B]`` / ``[B, 2]``.
+        radii: SDR radii in mm.
+
+    Per-sample columns: ``mre`` and ``sdr_2``, ``sdr_2.5``, ``sdr_3``, ``sdr_4`` (fractions in [0, 1]). Aggregation is the mean
+    over images, which equals the mean over all landmarks of all images since every image has ``K`` landmarks.
+    """
+
+    name = "mre"
+    higher_is_better = False
+    tolerance = 0.05  # mm
+
+    def __init__(
+        self,
+        decode: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor],
+        target_key: str = "landmarks",
+        spacing: float | str = 0.1,
+        radii: Sequence[float] = SDR_RADII_MM,
+    ) -> None:
+        self.decode = decode
+        self.target_key = target_key
+        self.spacing = spacing
+        self.radii = tuple(float(r) for r in radii)
+
+    def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        coords = self.decode(pred.detach(), batch)
+        true = batch[self.target_key]
+        if isinstance(self.spacing, str):
+            spacing = torch.as_tensor(batch[self.spacing], dtype=torch.float64).cpu()
+            errors = _coords("pred", coords).cpu() - _coords("true", true).cpu()
+            spacing = spacing.view(-1, 1, 1) if spacing.dim() == 1 else spacing.view(-1, 1, 2)
+            errors = (errors * spacing).norm(dim=-1)
+        else:
+            errors = radial_errors(torch.as_tensor(coords).cpu(), torch.as_tensor(true).cpu(), self.spacing)
+        out = {"mre": mean_radial_error(errors)}
+        for r, rate in successful_detection_rates(errors, self.radii).items():
+            out[f"sdr_{r:g}"] = rate
+        return out
