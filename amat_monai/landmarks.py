@@ -19,12 +19,18 @@ same affine map as going through the stored grid, so only the original and netwo
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Engine
+from ignite.metrics import Metric
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 __all__ = [
@@ -32,15 +38,14 @@ __all__ = [
     "landmark_targets",
     "split_channels",
     "decode_landmarks",
-    "radial_errors_mm",
-    "landmark_summary",
+    "LandmarkDecoder",
+    "LandmarkErrorMetric",
     "LandmarkTargetsd",
     "DecodeLandmarksd",
-    "SDR_RADII_MM",
+    "SaveLandmarksd",
+    "landmark_mask",
+    "ISBI2015_LANDMARKS",
 ]
-
-#: Successful-detection radii (mm) of the ISBI 2015 challenge.
-SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
 
 def _size_pair(size: Sequence[int] | torch.Tensor, name: str) -> tuple[float, float]:
@@ -146,27 +151,88 @@ def decode_landmarks(
     return out[0] if single else out
 
 
-def radial_errors_mm(
-    pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, spacing_mm: float | Sequence[float]
-) -> torch.Tensor:
-    """Euclidean distances ``[..., K]`` in mm between ``(x, y)`` points ``[..., K, 2]`` on the same grid."""
-    p = torch.as_tensor(np.asarray(pred, dtype=np.float64)) if not isinstance(pred, torch.Tensor) else pred.double()
-    t = torch.as_tensor(np.asarray(target, dtype=np.float64)) if not isinstance(target, torch.Tensor) else target.double()
-    if p.shape != t.shape or p.shape[-1] != 2:
-        raise ValueError(f"pred and target must both be [..., K, 2], got {tuple(p.shape)} and {tuple(t.shape)}")
-    spacing = torch.as_tensor(spacing_mm, dtype=torch.float64).reshape(-1).to(p.device)
-    return ((p - t.to(p.device)) * spacing).norm(dim=-1)
+def _original_sizes(batch: Mapping[str, Any], key: str, n: int, default: Sequence[int] | None) -> torch.Tensor:
+    """``[B, 2]`` original (H, W) sizes from a collated batch (or one default size for all)."""
+    if key in batch:
+        sizes = torch.as_tensor(np.asarray(batch[key]) if not isinstance(batch[key], torch.Tensor) else batch[key])
+    elif default is not None:
+        sizes = torch.as_tensor(default)
+    else:
+        raise KeyError(f"batch has no original image size under {key!r} (keys: {sorted(batch)})")
+    sizes = sizes.double().reshape(-1, 2)
+    return sizes.expand(n, 2) if sizes.shape[0] == 1 else sizes
 
 
-def landmark_summary(errors_mm: torch.Tensor, radii_mm: Sequence[float] = SDR_RADII_MM) -> dict[str, float]:
-    """MRE (mean and std, mm) and successful detection rates (error ≤ r mm) from radial errors ``[N, K]``."""
-    e = torch.as_tensor(errors_mm, dtype=torch.float64).flatten()
-    if e.numel() == 0:
-        raise ValueError("no radial errors to summarise")
-    out = {"mre_mm": float(e.mean()), "sd_mm": float(e.std()) if e.numel() > 1 else 0.0}
-    for r in radii_mm:
-        out[f"sdr_{r:g}mm"] = float((e <= r).double().mean())
-    return out
+class LandmarkDecoder:
+    """``decoder(pred, batch) -> [B, K, 2]`` landmark coordinates (x, y) in ORIGINAL pixel units.
+
+    The decode function of :class:`amat_monai.metrics.LandmarkMetric`: heatmap voting on the network grid
+    (:func:`decode_landmarks`), then each sample's coordinates mapped to its original grid, read from the
+    batch under ``original_size_key`` (or ``original_size`` when the batch has none).
+
+    Args:
+        radius: the targets' disc radius (network-grid pixels).
+        original_size_key: batch key of the per-sample original size ``(H, W)``.
+        original_size: fallback original size.
+        heatmap_activation: see :func:`decode_landmarks`.
+    """
+
+    def __init__(
+        self,
+        radius: float = 10.0,
+        original_size_key: str = "original_size",
+        original_size: Sequence[int] | None = None,
+        heatmap_activation: str | None = "sigmoid",
+    ) -> None:
+        self.radius = float(radius)
+        self.original_size_key = original_size_key
+        self.original_size = original_size
+        self.heatmap_activation = heatmap_activation
+
+    def __call__(self, pred: torch.Tensor, batch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        pts = decode_landmarks(pred.detach(), self.radius, self.heatmap_activation).double().cpu()
+        grid = torch.tensor(pred.shape[-2:], dtype=torch.float64)
+        sizes = _original_sizes(batch or {}, self.original_size_key, pts.shape[0], self.original_size)
+        scale = (sizes / grid).flip(-1)  # (W0/W, H0/H) per sample: x first
+        return (pts + 0.5) * scale[:, None, :] - 0.5
+
+
+class LandmarkErrorMetric(Metric):
+    """Ignite metric for MONAI evaluators: the mean of a :class:`~amat_monai.metrics.LandmarkMetric` value.
+
+    Reads the prediction from ``engine.state.output`` and the true coordinates (and original sizes, spacing)
+    from ``engine.state.batch``, so attach it to an evaluator with ``decollate=False``.
+
+    Args:
+        task_metric: the landmark metric (defines decoding, target key and spacing).
+        value: which per-sample value to average (``"mre"``, ``"sdr_2"``, ...).
+    """
+
+    def __init__(self, task_metric: Any, value: str = "mre", pred_key: str = "pred") -> None:
+        self.task_metric = task_metric
+        self.value = value
+        self.pred_key = pred_key
+        super().__init__(output_transform=lambda out: out)
+
+    def reset(self) -> None:
+        self._values: list[torch.Tensor] = []
+
+    def update(self, output: Any) -> None:
+        pred, batch = output
+        self._values.append(self.task_metric.per_sample(pred, batch)[self.value].double().cpu())
+
+    def iteration_completed(self, engine: Engine) -> None:
+        output, batch = engine.state.output, engine.state.batch
+        if isinstance(output, list) or isinstance(batch, list):
+            raise TypeError("LandmarkErrorMetric needs whole batches: build the evaluator with decollate=False")
+        self.update((output[self.pred_key], batch))
+
+    def compute(self) -> float:
+        if not self._values:
+            raise RuntimeError("LandmarkErrorMetric saw no batch")
+        v = torch.cat(self._values)
+        return float(v[torch.isfinite(v)].mean())
 
 
 class LandmarkTargetsd(MapTransform):
@@ -206,60 +272,134 @@ class LandmarkTargetsd(MapTransform):
         return d
 
 
-class DecodeLandmarksd(MapTransform):
-    """Dictionary transform: decode ``[3K, H, W]`` maps into landmark coordinates (for inference / MONAI Label).
+#: The 19 landmarks of the ISBI 2015 challenge, in the order of the annotation files.
+ISBI2015_LANDMARKS = (
+    "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton", "gnathion",
+    "gonion", "lower incisal incision", "upper incisal incision", "upper lip", "lower lip", "subnasale",
+    "soft tissue pogonion", "posterior nasal spine", "anterior nasal spine", "articulare",
+)
 
-    Writes ``<key>_landmarks`` (``[K, 2]`` original pixels, x/y), ``<key>_landmarks_mm`` (the same in mm) and a
-    JSON-ready ``result`` dict ``{"landmarks": [{"id", "x", "y", "x_mm", "y_mm"}, ...], "unit": ...}``.
-    The original grid size comes from ``original_size_key`` (default: the network grid itself).
+
+def landmark_mask(points: torch.Tensor, spatial_size: Sequence[int], radius: float) -> torch.Tensor:
+    """``[1, H, W]`` label map with a disc of ``radius`` pixels around each point, valued ``k + 1`` for point ``k``."""
+    h, w = (int(v) for v in spatial_size)
+    ys = torch.arange(h, dtype=torch.float64).view(h, 1)
+    xs = torch.arange(w, dtype=torch.float64).view(1, w)
+    mask = torch.zeros(h, w, dtype=torch.uint8)
+    for k, (x, y) in enumerate(torch.as_tensor(points, dtype=torch.float64).tolist()):
+        mask[(xs - x) ** 2 + (ys - y) ** 2 <= radius**2] = k + 1
+    return mask[None]
+
+
+class DecodeLandmarksd(MapTransform):
+    """Dictionary transform for inference (and MONAI Label): decode ``[3K, H, W]`` maps into coordinates.
+
+    Writes ``landmarks`` (``[K, 2]``, x/y in original pixels), ``landmarks_mm`` (the same times the spacing) and
+    ``result``, a JSON-ready dict ``{"landmarks": [{"id", "name", "x", "y", "x_mm", "y_mm"}, ...], ...}`` that
+    MONAI Label returns as the inference result. With ``mask_radius`` the maps under ``keys`` are replaced by a
+    ``[1, H, W]`` label map with a small disc per landmark (value ``k + 1``), which viewers can display.
+
+    The original grid is, in this order: the item's ``original_size_key`` entry, ``original_size``, or the size
+    of the image as loaded (``image_key``'s ``spatial_shape`` metadata, which MONAI's readers give x first).
 
     Args:
         keys: the maps to decode (``pred``).
-        radius: the targets' disc radius.
-        original_size_key: key of the original size ``(H, W)``.
-        spacing_key: key of the pixel spacing in mm (``default_spacing`` when absent).
-        default_spacing: spacing used when the data carries none.
+        radius: the targets' disc radius (network-grid pixels).
+        original_size: original grid ``(H, W)`` the coordinates are reported on (ISBI 2015: 2400×1935).
+        spacing: mm per original pixel, used when the item has no ``spacing_key`` entry.
+        names: landmark names for the result.
+        mask_radius: replace the maps by a landmark label map with discs of this radius; ``None`` keeps them.
         heatmap_activation: see :func:`decode_landmarks`.
-        names: optional landmark names for the result.
     """
 
     def __init__(
         self,
         keys: KeysCollection = "pred",
         radius: float = 10.0,
+        original_size: Sequence[int] | None = None,
+        spacing: float = 0.1,
+        names: Sequence[str] | None = None,
+        mask_radius: float | None = None,
+        heatmap_activation: str | None = "sigmoid",
+        image_key: str = "image",
         original_size_key: str = "original_size",
         spacing_key: str = "spacing",
-        default_spacing: float = 0.1,
-        heatmap_activation: str | None = "sigmoid",
-        names: Sequence[str] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.radius = float(radius)
+        self.original_size = original_size
+        self.spacing = float(spacing)
+        self.names = list(names) if names else None
+        self.mask_radius = mask_radius
+        self.heatmap_activation = heatmap_activation
+        self.image_key = image_key
         self.original_size_key = original_size_key
         self.spacing_key = spacing_key
-        self.default_spacing = float(default_spacing)
-        self.heatmap_activation = heatmap_activation
-        self.names = list(names) if names else None
+
+    def _original(self, d: Mapping, grid: tuple[int, int]) -> Sequence[int]:
+        if self.original_size_key in d:
+            return d[self.original_size_key]
+        if self.original_size is not None:
+            return self.original_size
+        meta = getattr(d.get(self.image_key), "meta", None) or {}
+        shape = meta.get("spatial_shape")
+        if shape is None:
+            return grid
+        # MONAI's readers report the loaded size x first (PIL: width, height); our grids are (H, W)
+        return [int(v) for v in np.asarray(shape).reshape(-1)[:2][::-1]]
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            maps = torch.as_tensor(d[key])
-            grid = tuple(maps.shape[-2:])
-            pts = decode_landmarks(maps.detach().cpu(), self.radius, self.heatmap_activation)
-            original = d.get(self.original_size_key, grid)
-            coords = map_coordinates(pts.double(), grid, original)
-            spacing = float(torch.as_tensor(d.get(self.spacing_key, self.default_spacing)).reshape(-1)[0])
-            d[f"{key}_landmarks"] = coords
-            d[f"{key}_landmarks_mm"] = coords * spacing
-            names = self.names or [str(i + 1) for i in range(coords.shape[0])]
+            maps = d[key]
+            maps = maps.as_tensor() if hasattr(maps, "as_tensor") else torch.as_tensor(maps)
+            grid = tuple(int(v) for v in maps.shape[-2:])
+            pts = decode_landmarks(maps.detach().cpu(), self.radius, self.heatmap_activation).double()
+            original = self._original(d, grid)
+            coords = map_coordinates(pts, grid, original)
+            spacing = float(np.asarray(d.get(self.spacing_key, self.spacing), dtype=np.float64).reshape(-1)[0])
+            names = self.names or [f"landmark {i + 1}" for i in range(coords.shape[0])]
+            if len(names) != coords.shape[0]:
+                raise ValueError(f"got {len(names)} landmark names for {coords.shape[0]} landmarks")
+            d["landmarks"] = coords
+            d["landmarks_mm"] = coords * spacing
             d["result"] = {
-                "unit": "pixel (original grid) and mm",
-                "spacing_mm": spacing,
                 "landmarks": [
-                    {"id": names[i], "x": float(x), "y": float(y), "x_mm": float(x) * spacing, "y_mm": float(y) * spacing}
+                    {"id": i + 1, "name": names[i], "x": x, "y": y, "x_mm": x * spacing, "y_mm": y * spacing}
                     for i, (x, y) in enumerate(coords.tolist())
                 ],
+                "unit": "pixels of the original grid (x right, y down) and mm",
+                "original_size": [int(v) for v in torch.as_tensor(original).reshape(-1).tolist()],
+                "spacing_mm": spacing,
             }
+            if self.mask_radius is not None:
+                mask = landmark_mask(pts, grid, self.mask_radius)
+                meta = getattr(d[key], "meta", None)
+                d[key] = MetaTensor(mask, meta=dict(meta)) if meta is not None else mask
+        return d
+
+
+class SaveLandmarksd(MapTransform):
+    """Write each item's ``result`` (from :class:`DecodeLandmarksd`) to ``<output_dir>/<name>_landmarks.json``,
+    atomically; ``<name>`` is the image file's stem."""
+
+    def __init__(
+        self, keys: KeysCollection = "result", output_dir: str = "./eval", image_key: str = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from amat_monai.calibration import atomic_write_text
+
+        d = dict(data)
+        meta = getattr(d.get(self.image_key), "meta", None) or {}
+        source = meta.get("filename_or_obj") or d.get("sample_id") or "image"
+        stem = os.path.basename(str(source)).split(".")[0]
+        for key in self.key_iterator(d):
+            path = os.path.join(self.output_dir, f"{stem}_landmarks.json")
+            atomic_write_text(path, json.dumps({"image": str(source), **d[key]}, indent=2) + "\n")
         return d

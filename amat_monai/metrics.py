@@ -66,6 +66,7 @@ class TaskMetric:
             attack may be worse than a weaker one by this much before a warning is raised).
         break_fraction: the "very large ε breaks the model" sanity check expects the primary value to fall
             below ``break_fraction * clean`` (higher is better) or rise above ``clean / break_fraction``.
+        digits: decimals of the primary value in tables.
     """
 
     name: str = "metric"
@@ -73,6 +74,7 @@ class TaskMetric:
     meta_keys: tuple[str, ...] = ()
     tolerance: float = 0.01
     break_fraction: float = 0.1
+    digits: int = 4
 
     def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Per-sample values of one batch.
@@ -146,7 +148,9 @@ def hard_dice_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int |
         raise ValueError(f"label shape {tuple(label.shape)} does not match prediction {tuple(pred.shape)}")
     label = torch.as_tensor(label).long()
     if label.min() < 0 or label.max() >= num_classes:
-        raise ValueError(f"label values must lie in [0, {num_classes - 1}], got [{int(label.min())}, {int(label.max())}]")
+        raise ValueError(
+            f"label values must lie in [0, {num_classes - 1}], got [{int(label.min())}, {int(label.max())}]"
+        )
     p = one_hot(torch.as_tensor(classes).long(), num_classes, dim=1)
     y = one_hot(label, num_classes, dim=1)
     cm = get_confusion_matrix(p, y, include_background=False)  # [B, C-1, 4] = tp, fp, tn, fn
@@ -172,7 +176,7 @@ class SegmentationMetric(TaskMetric):
 
     name = "dice"
     higher_is_better = True
-    tolerance = 0.01
+    tolerance = 0.02  # Dice points: PGD with a random start can trail IFGSM by ~0.01 on small test sets
 
     def __init__(self, label_key: str = CommonKeys.LABEL, case_key: str = "case", slice_key: str = "slice") -> None:
         self.label_key = label_key
@@ -261,7 +265,9 @@ def mean_radial_error(errors: torch.Tensor) -> torch.Tensor:
     return errors.mean(dim=-1)
 
 
-def successful_detection_rates(errors: torch.Tensor, radii: Sequence[float] = SDR_RADII_MM) -> dict[float, torch.Tensor]:
+def successful_detection_rates(
+    errors: torch.Tensor, radii: Sequence[float] = SDR_RADII_MM
+) -> dict[float, torch.Tensor]:
     """Per-sample successful detection rate ``[B]`` for each radius: the fraction of landmarks whose radial
     error is at most the radius (the ISBI 2015 challenge counts ``error <= r`` as a success)."""
     return {float(r): (errors <= r).double().mean(dim=-1) for r in radii}
@@ -277,13 +283,15 @@ class LandmarkMetric(TaskMetric):
         spacing: pixel spacing in mm, or a batch key holding a per-sample spacing ``[B]`` / ``[B, 2]``.
         radii: SDR radii in mm.
 
-    Per-sample columns: ``mre`` and ``sdr_2``, ``sdr_2.5``, ``sdr_3``, ``sdr_4`` (fractions in [0, 1]). Aggregation is the mean
-    over images, which equals the mean over all landmarks of all images since every image has ``K`` landmarks.
+    Per-sample columns: ``mre`` and ``sdr_2``, ``sdr_2.5``, ``sdr_3``, ``sdr_4`` (fractions in [0, 1]).
+    Aggregation is the mean over images, which equals the mean over all landmarks of all images since every
+    image has ``K`` landmarks.
     """
 
     name = "mre"
     higher_is_better = False
     tolerance = 0.05  # mm
+    digits = 2  # the papers report MRE to 0.01 mm
 
     def __init__(
         self,

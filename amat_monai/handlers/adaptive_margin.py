@@ -12,6 +12,7 @@ from monai.utils import CommonKeys
 
 from amat_monai.attacks import LossFn, per_sample_norm, per_sample_terms
 from amat_monai.calibration import load_xi
+from amat_monai.distributed import sync_margins
 from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler, unwrap_network
 from amat_monai.margins import BoundaryTracker, MarginTable, bisect_boundary, satisfies, update_margins
 
@@ -107,6 +108,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
             boundary_norm=boundary,
         )
         self.table.set(cur.ids, new)
+        sync_margins(self.table, cur.ids, new)  # every rank holds every sample's margin (no-op on one process)
         self.current = None
 
     def _boundary_norms(self, engine: Engine, cur, adv_losses: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from amat_monai.attacks import LossFn
+from amat_monai.distributed import sync_ensemble
 from amat_monai.handlers.adversarial_training import FixedMarginHandler
 
 __all__ = ["TemporalEnsemblingHandler", "teat_weight"]
@@ -99,6 +100,7 @@ class TemporalEnsemblingHandler(FixedMarginHandler):
         updated = self.momentum * targets + (1 - self.momentum) * clean_prob
         for k, sample_id in enumerate(cur.ids):
             self.ensemble[sample_id] = updated[k].detach().to("cpu", torch.float32)
+        sync_ensemble(self.ensemble, cur.ids)  # every rank holds every sample's ensemble (no-op on one process)
 
     def state_dict(self) -> dict:
         return {"ensemble": dict(self.ensemble)}

@@ -1,0 +1,28 @@
+"""Data sets: Decathlon segmentation tasks as 2D slices, synthetic stand-ins, and cephalometric landmarks."""
+
+from amat_monai.data.decathlon import (
+    DecathlonSliceDataset,
+    case_name,
+    decathlon_info,
+    load_case,
+    load_datalist,
+    load_split,
+    split_cases,
+    to_nnunet_axes,
+    volume_to_slices,
+)
+from amat_monai.data.synthetic import make_synthetic_decathlon
+from amat_monai.data.ceph import ceph_datalist, make_synthetic_ceph  # noqa: F401  (cephalometric landmarks)
+
+__all__ = [
+    "DecathlonSliceDataset",
+    "case_name",
+    "decathlon_info",
+    "load_case",
+    "load_datalist",
+    "load_split",
+    "split_cases",
+    "to_nnunet_axes",
+    "volume_to_slices",
+    "make_synthetic_decathlon",
+]

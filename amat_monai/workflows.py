@@ -1,0 +1,421 @@
+"""Train and calibrate any bundle of this project through ``monai.bundle.ConfigWorkflow``.
+
+A thin, bundle-agnostic layer: it picks the bundle's config files for a method (``train.json`` plus
+``vat.json`` / ``amat.json`` / ``teat.json``), applies overrides (``dataset_dir``, ``output_dir``, ``epochs``,
+``eps``, ``xi_file``, ``max_cases``, ``device`` and any ``--override KEY=JSON``), then runs the MONAI
+workflow protocol (initialize, check_properties, run, finalize). It also holds the small helpers the
+bundles' configs call (checkpoint dictionaries, an atomic final-weights saver, resuming).
+
+Python use::
+
+    paths = train("bundles/hippocampus_seg", "std", dataset_dir, "runs/std", epochs=2)
+    xi = calibrate("bundles/hippocampus_seg", dataset_dir, "runs/std", paths["model"])
+    train("bundles/hippocampus_seg", "amat", dataset_dir, "runs/amat", xi_file=xi)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigWorkflow
+from torch import nn
+
+__all__ = [
+    "METHOD_CONFIGS",
+    "config_files",
+    "parse_overrides",
+    "build_workflow",
+    "run_workflow",
+    "train",
+    "calibrate",
+    "evaluate",
+    "train_command",
+    "calibrate_command",
+    "checkpoint_dict",
+    "FinalModelSaver",
+    "latest_checkpoint",
+    "resume_from_latest",
+    "load_weights",
+    "atomic_torch_save",
+    "require_file",
+    "evaluation_summary",
+    "write_json",
+]
+
+logger = logging.getLogger(__name__)
+
+#: config files merged on top of ``train.json`` for each method
+METHOD_CONFIGS: dict[str, tuple[str, ...]] = {"std": (), "vat": ("vat.json",), "amat": ("amat.json",), "teat": ("teat.json",)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers called from the bundles' configs
+# --------------------------------------------------------------------------------------------------------
+def checkpoint_dict(**objects: Any) -> dict[str, Any]:
+    """The ``save_dict`` of MONAI's ``CheckpointSaver`` / ``CheckpointLoader``: the given objects minus ``None``
+    (``adversarial=None`` for STD), so a VAT / AMAT / TEAT handler's state is checkpointed with the weights."""
+    return {k: v for k, v in objects.items() if v is not None}
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename: a crash never leaves a truncated ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class FinalModelSaver:
+    """Write the network's state dict (model-zoo ``model.pt``) atomically when training COMPLETES.
+
+    Unlike ``CheckpointSaver(save_final=True)``, which also saves when an exception is raised, a failed or
+    interrupted run never touches ``path``: the last good weights stay in place.
+
+    Args:
+        network: the trained network (a DDP wrapper is unwrapped).
+        path: where ``model.pt`` goes.
+    """
+
+    def __init__(self, network: nn.Module, path: str | os.PathLike) -> None:
+        self.network = network
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        atomic_torch_save(net.state_dict(), self.path)
+        logger.info(f"saved the final weights to {self.path}")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The ``checkpoint_epoch=N.pt`` (or ``..._iteration=N.pt``) with the largest N in ``ckpt_dir``, if any."""
+    best, best_n = None, -1
+    for f in glob.glob(os.path.join(str(ckpt_dir), "*checkpoint_*=*.pt")):
+        m = re.search(r"_(?:epoch|iteration)=(\d+)\.pt$", f)
+        if m and int(m.group(1)) > best_n:
+            best, best_n = f, int(m.group(1))
+    return best
+
+
+def resume_from_latest(trainer: Engine, ckpt_dir: str | os.PathLike, save_dict: Mapping[str, Any]) -> str:
+    """Attach a MONAI ``CheckpointLoader`` that restores ``save_dict`` (network, optimizer, trainer state,
+    adversarial handler state) from the latest checkpoint in ``ckpt_dir`` when the trainer starts.
+
+    Raises:
+        FileNotFoundError: when ``ckpt_dir`` holds no checkpoint.
+    """
+    from monai.handlers import CheckpointLoader
+
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume=true but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from")
+    CheckpointLoader(load_path=path, load_dict=dict(save_dict), map_location="cpu").attach(trainer)
+    from amat_monai.distributed import match_epoch_length
+
+    match_epoch_length(trainer)  # the checkpoint may come from a run with another number of processes
+    logger.info(f"resuming from {path}")
+    return path
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Initialise ``network`` from a state dict or a full checkpoint (e.g. to fine-tune the STD model)."""
+    from amat_monai.evaluation import load_checkpoint
+
+    load_checkpoint(network, path, device="cpu")
+    logger.info(f"initialised the network from {path}")
+    return network
+
+
+# --------------------------------------------------------------------------------------------------------
+# building and running workflows
+# --------------------------------------------------------------------------------------------------------
+def config_files(bundle: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Absolute paths of ``bundle/configs/<name>``; raises ``FileNotFoundError`` naming a missing one."""
+    configs = Path(bundle) / "configs"
+    if not configs.is_dir():
+        raise FileNotFoundError(f"{bundle} is not a bundle folder (no configs/ inside)")
+    files = []
+    for name in names:
+        f = configs / name
+        if not f.is_file():
+            raise FileNotFoundError(f"bundle config not found: {f}")
+        files.append(str(f.resolve()))
+    return files
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["KEY=JSON", ...]`` -> ``{KEY: value}``; values that are not JSON are kept as strings."""
+    out: dict[str, Any] = {}
+    for text in items or []:
+        if "=" not in text:
+            raise ValueError(f"--override expects KEY=JSON, got {text!r}")
+        key, value = text.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost error of a chain (MONAI wraps instantiation errors in ``RuntimeError``)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def build_workflow(
+    bundle: str | os.PathLike, names: Sequence[str], workflow_type: str = "train", **overrides: Any
+) -> ConfigWorkflow:
+    """A ``ConfigWorkflow`` on ``bundle``'s configs ``names`` (merged in order) with ``bundle_root`` set."""
+    files = config_files(bundle, names)
+    bundle_root = str(Path(bundle).resolve())
+    meta = os.path.join(bundle_root, "configs", "metadata.json")
+    logging_file = os.path.join(bundle_root, "configs", "logging.conf")
+    return ConfigWorkflow(
+        config_file=files,
+        meta_file=meta if os.path.isfile(meta) else None,
+        logging_file=logging_file if os.path.isfile(logging_file) else False,
+        workflow_type=workflow_type,
+        **{"bundle_root": bundle_root, **overrides},
+    )
+
+
+def run_workflow(workflow: ConfigWorkflow) -> list[Any]:
+    """initialize, check_properties (must be empty), run, finalize. Errors from deep inside MONAI's config
+    instantiation are re-raised as their root cause, whose message names the bad file or argument."""
+    try:
+        workflow.initialize()
+        missing = workflow.check_properties()
+        if missing:
+            raise ValueError(f"the bundle config lacks required properties: {missing}")
+        result = workflow.run()
+        workflow.finalize()
+        return result
+    except (RuntimeError, KeyError) as e:
+        root = _root_cause(e)
+        if root is not e and isinstance(root, Exception):
+            raise root from None
+        raise
+
+
+def _common_overrides(dataset_dir, output_dir, max_cases=None, device=None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if dataset_dir is not None:
+        if not Path(dataset_dir).is_dir():
+            raise FileNotFoundError(f"dataset_dir not found: {dataset_dir}")
+        out["dataset_dir"] = str(Path(dataset_dir).resolve())
+    if output_dir is not None:
+        out["output_dir"] = str(Path(output_dir).resolve())
+    if max_cases is not None:
+        out["max_cases"] = int(max_cases)
+    if device is not None:
+        out["device"] = f"$torch.device('{device}')"
+    return out
+
+
+def _value(workflow: ConfigWorkflow, key: str) -> Any:
+    return workflow.parser.get_parsed_content(key) if key in workflow.parser else None
+
+
+def train(
+    bundle: str | os.PathLike,
+    method: str = "std",
+    dataset_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    nproc: int = 1,
+    **overrides: Any,
+) -> dict[str, str]:
+    """Train ``method`` (std, vat, amat, teat) with the bundle's configs.
+
+    Args:
+        bundle: the bundle folder.
+        method: which adversarial handler (``train.json`` alone for std).
+        dataset_dir, output_dir: override the config's.
+        nproc: processes; more than one goes through :func:`amat_monai.distributed.launch` (with the bundle's
+            ``multi_gpu_train.json``).
+        overrides: any other config ids, e.g. ``epochs=2``, ``eps=2.0``, ``xi_file=...``, ``max_cases=4``,
+            ``device="cpu"`` (a device name is turned into a ``torch.device``).
+
+    Returns:
+        ``{"output_dir", "model", "ckpt_dir", "split_file"}`` (``model`` is the final ``model.pt``).
+    """
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"method must be one of {sorted(METHOD_CONFIGS)}, got {method!r}")
+    device = overrides.pop("device", None)
+    max_cases = overrides.pop("max_cases", None)
+    ovr = {**_common_overrides(dataset_dir, output_dir, max_cases, device), **overrides}
+    if method == "amat" and "xi_file" in ovr and not Path(ovr["xi_file"]).is_file():
+        raise FileNotFoundError(
+            f"ξ file not found: {ovr['xi_file']} (AMAT needs thresholds from a normally trained model: "
+            "run `amat-monai calibrate` on the STD checkpoint first)"
+        )
+    names = ["train.json", *METHOD_CONFIGS[method]]
+    if nproc > 1:
+        try:
+            from amat_monai import distributed
+        except ImportError:
+            raise RuntimeError("--nproc > 1 needs amat_monai.distributed, which this installation lacks") from None
+        names.append("multi_gpu_train.json")
+        files = config_files(bundle, names)
+        distributed.launch(files, nproc, {"bundle_root": str(Path(bundle).resolve()), **ovr})
+        workflow = build_workflow(bundle, names, "train", **ovr)
+        workflow.parser.parse()
+    else:
+        workflow = build_workflow(bundle, names, "train", **ovr)
+        run_workflow(workflow)
+    return {
+        "output_dir": str(_value(workflow, "output_dir")),
+        "model": str(_value(workflow, "model_path")),
+        "ckpt_dir": str(_value(workflow, "ckpt_dir")),
+        "split_file": str(_value(workflow, "split_file")),
+    }
+
+
+def calibrate(
+    bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    z: float | None = None,
+    estimator: str | None = None,
+    **overrides: Any,
+) -> str:
+    """Run ``calibrate.json``: the STD model over the clean training split, writing ``xi.json``.
+
+    Returns:
+        the path of ``xi.json`` (``<output_dir>/xi.json`` unless ``xi_file`` is overridden).
+    """
+    device = overrides.pop("device", None)
+    max_cases = overrides.pop("max_cases", None)
+    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        ovr["checkpoint"] = str(Path(checkpoint).resolve())
+    if z is not None:
+        ovr["xi_z"] = float(z)
+    if estimator is not None:
+        ovr["xi_estimator"] = estimator
+    ovr.update(overrides)
+    workflow = build_workflow(bundle, ["train.json", "calibrate.json"], "infer", **ovr)
+    run_workflow(workflow)
+    return str(_value(workflow, "xi_file"))
+
+
+def evaluate(
+    bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run ``evaluate.json``: clean Dice of a checkpoint on the test (or ``eval_section``) split.
+
+    Returns:
+        the content of the ``evaluation.json`` it writes.
+    """
+    device = overrides.pop("device", None)
+    max_cases = overrides.pop("max_cases", None)
+    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        ovr["checkpoint"] = str(Path(checkpoint).resolve())
+    ovr.update(overrides)
+    workflow = build_workflow(bundle, ["train.json", "evaluate.json"], "infer", **ovr)
+    run_workflow(workflow)
+    return json.loads(Path(_value(workflow, "evaluation_file")).read_text())
+
+
+def require_file(path: str | os.PathLike | None, what: str = "file") -> str:
+    """Fail early, naming the file, when a config's input file is missing."""
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return str(path)
+
+
+def evaluation_summary(evaluator: Engine, checkpoint: str | os.PathLike, section: str, slices: str) -> dict[str, Any]:
+    """The metrics of a finished evaluator run, for ``evaluation.json``."""
+    from amat_monai.calibration import file_sha256
+
+    metrics = {}
+    for name, value in evaluator.state.metrics.items():
+        value = value.tolist() if isinstance(value, torch.Tensor) else value
+        metrics[name] = value
+    return {
+        "metrics": metrics,
+        "section": section,
+        "slices": slices,
+        "num_samples": len(evaluator.data_loader.dataset),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint) if Path(checkpoint).is_file() else None,
+    }
+
+
+def write_json(path: str | os.PathLike, content: Any) -> str:
+    """Write ``content`` as JSON atomically (used by ``evaluate.json``)."""
+    from amat_monai.calibration import atomic_write_text
+
+    atomic_write_text(path, json.dumps(content, indent=2, default=float) + "\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------
+def train_command(args: argparse.Namespace) -> int:
+    """``amat-monai train``."""
+    ovr = parse_overrides(getattr(args, "override", None))
+    if args.epochs is not None:
+        ovr["epochs"] = int(args.epochs)
+    if args.eps is not None:
+        if args.method not in ("vat", "teat"):
+            raise ValueError(f"--eps is for vat and teat, not {args.method}")
+        ovr["eps"] = float(args.eps)
+    if args.xi is not None:
+        if args.method != "amat":
+            raise ValueError(f"--xi is for amat, not {args.method}")
+        ovr["xi_file"] = str(Path(args.xi).resolve())
+    if getattr(args, "init_checkpoint", None):
+        if not Path(args.init_checkpoint).is_file():
+            raise FileNotFoundError(f"--init-checkpoint not found: {args.init_checkpoint}")
+        ovr["init_checkpoint"] = str(Path(args.init_checkpoint).resolve())
+    paths = train(
+        args.bundle, args.method, args.dataset_dir, args.output_dir, nproc=getattr(args, "nproc", 1),
+        max_cases=args.max_cases, device=args.device, **ovr,
+    )
+    print(f"trained {args.method}: final weights {paths['model']}")
+    return 0
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """``amat-monai calibrate``."""
+    ovr = parse_overrides(getattr(args, "override", None))
+    path = calibrate(
+        args.bundle, args.dataset_dir, args.output_dir, args.checkpoint, z=args.z, estimator=args.estimator,
+        max_cases=args.max_cases, device=args.device, **ovr,
+    )
+    content = json.loads(Path(path).read_text())
+    terms = ", ".join(f"{t['name']} ξ={t['xi']:.4f} (n={t['n']})" for t in content["terms"])
+    print(f"wrote {path}: {terms}")
+    return 0
