@@ -123,7 +123,8 @@ def accelerate(
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
     network = network.to(device)
-    requested = [name for name, on in (("autocast", autocast), ("channels_last", channels_last), ("compile", compile)) if on]
+    switches = {"autocast": autocast, "channels_last": channels_last, "compile": compile}
+    requested = [name for name, on in switches.items() if on]
     if device.type != "cuda":
         if requested:
             logger.info(f"fast paths {requested} are for CUDA only; running plain on {device}")

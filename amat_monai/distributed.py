@@ -330,5 +330,7 @@ def launch(
         logger.info("launching: " + " ".join(cmd))
         result = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False)
     if check and result.returncode != 0:
-        raise RuntimeError(f"distributed run of {files} on {nproc} processes failed with exit status {result.returncode}")
+        raise RuntimeError(
+            f"distributed run of {files} on {nproc} processes failed with exit status {result.returncode}"
+        )
     return result.returncode

@@ -131,6 +131,12 @@ def train_epoch(net0: torch.nn.Module, items: list[dict], kind: str, steps: int,
     return times, handler
 
 
+def paired_range(num: list[float], den: list[float]) -> list[float]:
+    """Min and max of the per-round ratios (each round measures both side by side): the noise around a median."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return [min(ratios), max(ratios)]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -225,13 +231,13 @@ def main(argv=None) -> dict:
                  "samples_per_epoch": len(items), "batch": BATCH, "input": [BATCH, 1, *SHAPE], "xi": xi}  # fmt: skip
 
     # 1. epoch time, VAT vs AMAT (bisect) vs AMAT (step shrink), alternating
-    for kind in ("vat", "amat"):  # warm-up: allocator, first-call overheads
-        train_epoch(net0, items[:BATCH], kind, steps, xi)
+    for kind in ("vat", "amat", "amat_step"):  # warm-up: allocator, first-call overheads (first epochs run slower)
+        train_epoch(net0, items, kind, steps, xi)
     epoch = {"vat": [], "amat": [], "amat_step": []}
     shrunk = []
+    names = list(epoch)
     for r in range(rounds):
-        kinds = ["vat", "amat", "amat_step"] if r % 2 == 0 else ["amat_step", "amat", "vat"]
-        for kind in kinds:
+        for kind in names[r % 3 :] + names[: r % 3]:  # rotate who goes first
             times, handler = train_epoch(net0, items, kind, steps, xi)
             epoch[kind].append(times[0])
             if kind == "amat":
@@ -241,6 +247,8 @@ def main(argv=None) -> dict:
     res["amat_over_vat_epoch_time"] = med["amat"] / med["vat"]
     res["amat_step_shrink_over_vat_epoch_time"] = med["amat_step"] / med["vat"]
     res["amat_fraction_shrunk"] = statistics.mean(shrunk)
+    res["amat_over_vat_epoch_time_range"] = paired_range(epoch["amat"], epoch["vat"])
+    res["amat_step_shrink_over_vat_epoch_time_range"] = paired_range(epoch["amat_step"], epoch["vat"])
 
     # 2. attack step cost and torchattacks, on this network in eval mode, per-pixel CE, inputs in [0, 1]
     PGDL2 = ba.load_pgdl2()
@@ -254,23 +262,27 @@ def main(argv=None) -> dict:
             xg = x.clone().requires_grad_(True)
             torch.autograd.grad(ba.per_pixel_ce(net(xg), y).sum(), xg)
 
-    def ours(seed):
+    def ours(seed, loss_fn=ba.per_pixel_ce):
         torch.manual_seed(seed)
-        return pgd(net, ba.per_pixel_ce, x, y, EPS, steps=steps, step_size=alpha, clamp=(0.0, 1.0), train_mode=False)
+        return pgd(net, loss_fn, x, y, EPS, steps=steps, step_size=alpha, clamp=(0.0, 1.0), train_mode=False)
 
     def theirs(seed):
         torch.manual_seed(seed)
         return PGDL2(net, eps=EPS, alpha=alpha, steps=steps, random_start=True)(x, y)
 
-    fwd_bwd(), ours(0), theirs(0)
-    t = {"fwd_bwd": [], "ours": [], "theirs": []}
+    contenders = {"fwd_bwd": lambda r: fwd_bwd(), "ours": ours, "theirs": theirs,
+                  "ours_mean_ce": lambda r: ours(r, ba.batch_mean_ce)}  # fmt: skip
+    for fn in contenders.values():
+        fn(0)
+    t = {k: [] for k in contenders}
     loss_o, loss_t = [], []
-    for r in range(2 * rounds + 1):
-        for name, fn in ((("fwd_bwd", fwd_bwd), ("ours", lambda: ours(r)), ("theirs", lambda: theirs(r)))[:: 1 if r % 2 else -1]):
+    names = list(contenders)
+    for r in range(2 * rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             t0 = time.process_time()
-            out = fn()
+            out = contenders[name](r)
             t[name].append(time.process_time() - t0)
-            if name != "fwd_bwd":
+            if name in ("ours", "theirs"):
                 with torch.no_grad():
                     (loss_o if name == "ours" else loss_t).append(float(ba.per_pixel_ce(net(out), y).mean()))
     m = {k: statistics.median(v) for k, v in t.items()}
@@ -278,7 +290,11 @@ def main(argv=None) -> dict:
     res["pgd_step_s"] = m["ours"] / steps
     res["pgd_step_over_fwd_bwd"] = m["ours"] / m["fwd_bwd"]
     res["pgd_vs_torchattacks_time"] = m["ours"] / m["theirs"]
+    res["pgd_vs_torchattacks_time_same_loss"] = m["ours_mean_ce"] / m["theirs"]
     res["pgd_vs_torchattacks_loss"] = statistics.mean(loss_o) / statistics.mean(loss_t)
+    res["pgd_step_over_fwd_bwd_range"] = paired_range(t["ours"], t["fwd_bwd"])
+    res["pgd_vs_torchattacks_time_range"] = paired_range(t["ours"], t["theirs"])
+    res["pgd_vs_torchattacks_time_same_loss_range"] = paired_range(t["ours_mean_ce"], t["theirs"])
 
     # 3. robust evaluation throughput (one PGD cell, one eps, no sanity cells)
     try:
@@ -342,6 +358,7 @@ def main(argv=None) -> dict:
         ("pgd step (s)", res["pgd_step_s"], ""),
         ("pgd_step_over_fwd_bwd", res["pgd_step_over_fwd_bwd"], "<= 1.10"),
         ("pgd_vs_torchattacks_time", res["pgd_vs_torchattacks_time"], "<= 1.0"),
+        ("pgd_vs_torchattacks_time_same_loss", res["pgd_vs_torchattacks_time_same_loss"], ""),
         ("pgd_vs_torchattacks_loss", res["pgd_vs_torchattacks_loss"], ">= 1.0"),
         ("process peak RSS base/VAT/AMAT (MB)", f"{mp['base']:.0f} / {mp['vat']:.0f} / {mp['amat']:.0f}", ""),
         ("peak_rss_amat_over_vat", res["peak_rss_amat_over_vat"], "<= 1.10"),
@@ -361,7 +378,9 @@ def main(argv=None) -> dict:
     print(f"{'measure':40s} {'value':>16s} {'goal':>8s}")
     for name, value, goal in rows:
         v = f"{value:16.4f}" if isinstance(value, float) else f"{value:>16s}"
-        print(f"{name:40s} {v} {goal:>8s}")
+        spread = res.get(f"{name}_range")
+        extra = f"   per-round {spread[0]:.3f} .. {spread[1]:.3f}" if spread else ""
+        print(f"{name:40s} {v} {goal:>8s}{extra}")
     print(json.dumps(res))
     return res
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,8 @@ def _worker(out_dir: str) -> None:
         train_handlers=handlers,
         decollate=False,
     )
-    saver = CheckpointSaver(out_dir, {"network": network, "margins": handler, "trainer": trainer}, save_final=True, final_filename="final.pt")
+    save = {"network": network, "margins": handler, "trainer": trainer}
+    saver = CheckpointSaver(out_dir, save, save_final=True, final_filename="final.pt")
     for h in D.rank_zero_handlers([saver]):
         h.attach(trainer)
         handlers.append(h)
@@ -236,6 +238,20 @@ def test_two_ranks_share_teat_ensembles(two_rank_run):
     for key in e0:
         assert e0[key].shape == (3, 16, 16)
         torch.testing.assert_close(e0[key], e1[key], rtol=0, atol=0)
+
+
+def test_synchronized_time_limit_stops_training():
+    from ignite.engine import Engine
+
+    with pytest.raises(ValueError, match="limit_sec"):
+        D.SynchronizedTimeLimit(0)
+    engine = Engine(lambda e, b: sum(range(20000)))
+    limit = D.SynchronizedTimeLimit(1e-3)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, limit)
+    while time.time() - limit.start < 2e-3:
+        pass
+    engine.run(range(100), max_epochs=1)
+    assert engine.state.iteration == 1  # stopped after the first iteration, past the limit
 
 
 def test_launch_command_and_errors(tmp_path):

@@ -180,7 +180,7 @@ def test_resume_continues_where_it_stopped(task, std_run, tmp_path):
 
 
 def test_failed_run_keeps_the_good_checkpoint(task, std_run, tmp_path):
-    wf = run(workflow(["train.json"], dataset_dir=task, output_dir=str(tmp_path)))
+    run(workflow(["train.json"], dataset_dir=task, output_dir=str(tmp_path)))
     model = tmp_path / "models" / "model.pt"
     before = {p.name: file_sha256(p) for p in (tmp_path / "models").iterdir()}
     # a second run in the same folder fails during its first iteration
@@ -191,7 +191,6 @@ def test_failed_run_keeps_the_good_checkpoint(task, std_run, tmp_path):
                               epochs=3))
     after = {p.name: file_sha256(p) for p in (tmp_path / "models").iterdir()}
     assert after == before and model.is_file()
-    del wf
 
 
 def test_missing_xi_for_amat(task, tmp_path):

@@ -39,7 +39,7 @@ def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contras
     images = []
     for ch in range(channels):
         gain = 1.0 + 0.3 * ch
-        img = 1.0 + bias + gain * contrast * (label == 1) + gain * 0.5 * contrast * (label == 2)
+        img = 1.0 + bias + gain * contrast * (label == 1) + gain * 0.6 * contrast * (label == 2)
         img = img + rng.normal(scale=noise, size=shape)
         images.append((100.0 * img).astype(np.float32))  # arbitrary scanner units: the loader z-scores them
     image = images[0] if channels == 1 else np.stack(images, axis=-1)  # Decathlon stores channels last (4D)
@@ -52,7 +52,7 @@ def make_synthetic_decathlon(
     shape_range: Sequence[Sequence[int]] = ((18, 24), (26, 32), (18, 24)),
     channels: int = 1,
     contrast: float = 1.0,
-    noise: float = 0.3,
+    noise: float = 0.25,
     seed: int = 0,
     name: str = "synthetic",
 ) -> str:
