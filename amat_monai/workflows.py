@@ -218,8 +218,12 @@ def run_workflow(workflow: ConfigWorkflow) -> list[Any]:
         raise
 
 
-def _common_overrides(dataset_dir, output_dir, max_cases=None, device=None) -> dict[str, Any]:
+def _common_overrides(dataset_dir, output_dir, max_cases=None, device=None, checkpoint=None) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        out["checkpoint"] = str(Path(checkpoint).resolve())
     if dataset_dir is not None:
         if not Path(dataset_dir).is_dir():
             raise FileNotFoundError(f"dataset_dir not found: {dataset_dir}")
@@ -307,11 +311,7 @@ def calibrate(
     """
     device = overrides.pop("device", None)
     max_cases = overrides.pop("max_cases", None)
-    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        ovr["checkpoint"] = str(Path(checkpoint).resolve())
+    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
     if z is not None:
         ovr["xi_z"] = float(z)
     if estimator is not None:
@@ -336,11 +336,7 @@ def evaluate(
     """
     device = overrides.pop("device", None)
     max_cases = overrides.pop("max_cases", None)
-    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        ovr["checkpoint"] = str(Path(checkpoint).resolve())
+    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
     ovr.update(overrides)
     workflow = build_workflow(bundle, ["train.json", "evaluate.json"], "infer", **ovr)
     run_workflow(workflow)

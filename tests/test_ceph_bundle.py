@@ -117,7 +117,7 @@ def test_metadata_follows_monai_label_needs():
     import jsonschema
 
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    jsonschema.validate(meta, json.loads((BUNDLE / "docs" / "meta_schema.json").read_text()))
+    jsonschema.validate(meta, json.loads((BUNDLE.parent / "meta_schema.json").read_text()))
     fmt = meta["network_data_format"]
     assert list(fmt["inputs"]) == ["image"] and list(fmt["outputs"]) == ["pred"]
     assert all(k.isdigit() for k in fmt["outputs"]["pred"]["channel_def"])  # MONAI Label reads int(k)

@@ -136,7 +136,7 @@ def test_inference_on_a_volume_matches_the_slice_pipeline(task, std_run, tmp_pat
 
 
 def test_verify_metadata_offline():
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(BUNDLE / "docs" / "meta_schema.json"))
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(BUNDLE.parent / "meta_schema.json"))
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background", "1": "anterior", "2": "posterior"}
