@@ -204,8 +204,11 @@ def _check(report: dict[str, Any], std: dict[str, Any], vats: list[dict[str, Any
 
 
 def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path, results_dir: Path) -> None:
-    """Copy every ``robustness.json`` under ``results_dir`` and (re)write ``RESULTS.md`` for the tasks run."""
-    sections = []
+    """Copy every ``robustness.json`` to ``results_dir/<task>/<method>/``, write the task's section to
+    ``results_dir/<task>/RESULTS.md`` and rebuild ``path`` from the sections of every task found there, so that
+    tasks reproduced one at a time (or in separate sessions) end up in one document."""
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
     for task, result in results.items():
         spec, settings = TASKS[task], PROTOCOLS[protocol][task]
         reports = result["reports"]
@@ -220,23 +223,26 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
         stage_lines = [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in result["stages"].items()]
         total = sum(v["seconds"] for v in result["stages"].values()) / 60
         xi = ", ".join(f"{t['name']} {t['xi']:.4f}" for t in result["xi"]["terms"])
-        sections.append("\n".join([
+        section = "\n".join([
             f"## {spec['title']}", "",
-            f"Protocol `{protocol}`: common {json.dumps(settings['common'])}; STD {json.dumps(settings['std'])}; adversarial runs "
-            f"{json.dumps(settings['adversarial'])}{', fine-tuned from the STD weights' if settings['fine_tune'] else ''}; "
+            f"`python scripts/reproduce.py --protocol {protocol} --task {task}` on {machine}.", "",
+            f"Protocol `{protocol}`: common {json.dumps(settings['common'])}; STD {json.dumps(settings['std'])}; "
+            f"adversarial runs {json.dumps(settings['adversarial'])}"
+            f"{', fine-tuned from the STD weights' if settings['fine_tune'] else ''}; "
             f"AMAT {json.dumps(settings['amat'])}, ξ ({xi}); evaluation {json.dumps(settings['evaluate'])}. "
             "Everything else is the bundle's default configuration; seed 0.", "",
             "### Ours", "", table.markdown, "### The paper's", "", spec["paper"], "",
-            "### The paper's claims, checked against `docs/results/" + task + "/*/robustness.json`", "",
+            f"### The paper's claims, checked against `docs/results/{task}/*/robustness.json`", "",
             *[f"- {line}" for line in checks], "",
             "### Wall time per stage (minutes)", "", "| stage | minutes |", "|---|---|", *stage_lines,
             f"| total | {total:.1f} |", "",
-        ]))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        ])
+        atomic_write_text(results_dir / task / "RESULTS.md", section)
+    sections = [(results_dir / t / "RESULTS.md").read_text() for t in TASKS if (results_dir / t / "RESULTS.md").is_file()]
     header = [
         "# Results on real data", "",
-        f"Written by `python scripts/reproduce.py --protocol {protocol} --task {' '.join(results)}` on {machine}.",
-        "Machine-readable numbers: `docs/results/<task>/<method>/robustness.json`.", "",
+        "Each section was written by the command it names (`scripts/reproduce.py`); machine-readable numbers are in",
+        "`docs/results/<task>/<method>/robustness.json`.", "",
     ]
     atomic_write_text(path, "\n".join(header + sections))
 
