@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -23,8 +22,6 @@ from amat_monai.data import (
     to_nnunet_axes,
 )
 
-DATA_ROOT = Path(os.environ.get("AMAT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-HIPPOCAMPUS = DATA_ROOT / "Task04_Hippocampus"
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +182,13 @@ def test_empty_split_and_missing_files(synthetic, tmp_path):
 
 
 @pytest.mark.realdata
-def test_real_hippocampus_split_and_slices(tmp_path):
-    if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (set AMAT_DATA_DIR)")
-    info = decathlon_info(HIPPOCAMPUS)
+def test_real_hippocampus_split_and_slices(tmp_path, hippocampus_dir):
+    info = decathlon_info(hippocampus_dir)
     assert info["num_classes"] == 3 and info["in_channels"] == 1
-    names = [c["case"] for c in load_datalist(HIPPOCAMPUS)]
+    names = [c["case"] for c in load_datalist(hippocampus_dir)]
     split = load_split(names, tmp_path / "split.json", seed=0)
     assert [len(split[s]) for s in ("training", "validation", "test")] == [208, 17, 35]
-    ds = DecathlonSliceDataset(HIPPOCAMPUS, "training", slices="foreground", max_cases=4,
+    ds = DecathlonSliceDataset(hippocampus_dir, "training", slices="foreground", max_cases=4,
                                split_file=tmp_path / "small.json")
     assert ds[0]["image"].shape == (1, 56, 40)
     assert ds[0]["sample_id"].startswith("hippocampus_")

@@ -16,22 +16,11 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metad
 from amat_monai.calibration import file_sha256
 from amat_monai.data import DecathlonSliceDataset, make_synthetic_decathlon
 from amat_monai.workflows import build_workflow, run_workflow
+from conftest import SEG_TINY
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_seg"
 CONFIGS = BUNDLE / "configs"
-#: a network and problem small enough for a CPU test
-TINY = {
-    "patch_size": [32, 24],
-    "network_filters": [8, 16, 32],
-    "network_kernels": [[3, 3], [3, 3], [3, 3]],
-    "network_strides": [[1, 1], [2, 2], [2, 2]],
-    "batch_size": 16,
-    "epochs": 1,
-    "attack_steps": 2,
-    "train_slices": "foreground",
-    "progress": False,
-    "device": "$torch.device('cpu')",
-}
+TINY = {**SEG_TINY, "epochs": 1, "device": "$torch.device('cpu')"}
 
 
 def workflow(names, workflow_type="train", **overrides) -> ConfigWorkflow:

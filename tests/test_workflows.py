@@ -4,7 +4,6 @@ data, plus a one-epoch STD and AMAT smoke run on a few real hippocampus cases.""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,9 @@ import torch
 from amat_monai import cli
 from amat_monai.data import make_synthetic_decathlon
 from amat_monai.workflows import calibrate, latest_checkpoint, parse_overrides, train
+from conftest import SEG_TINY as TINY
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_seg"
-DATA_ROOT = Path(os.environ.get("AMAT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-HIPPOCAMPUS = DATA_ROOT / "Task04_Hippocampus"
-TINY = {
-    "patch_size": [32, 24],
-    "network_filters": [8, 16, 32],
-    "network_kernels": [[3, 3], [3, 3], [3, 3]],
-    "network_strides": [[1, 1], [2, 2], [2, 2]],
-    "batch_size": 16,
-    "attack_steps": 2,
-    "train_slices": "foreground",
-    "progress": False,
-}
 
 
 def _override_args(values: dict) -> list[str]:
@@ -90,18 +78,16 @@ def test_cli_errors_are_one_line(task, tmp_path, capsys):
 
 
 @pytest.mark.realdata
-def test_real_hippocampus_std_and_amat_one_epoch(tmp_path):
-    if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (set AMAT_DATA_DIR)")
+def test_real_hippocampus_std_and_amat_one_epoch(tmp_path, hippocampus_dir):
     small = {"max_cases": 5, "epochs": 1, "device": "cpu", "progress": False, "train_slices": "foreground",
              "network_filters": [8, 16, 32, 64], "attack_steps": 2, "batch_size": 32}
-    std = train(BUNDLE, "std", HIPPOCAMPUS, tmp_path / "std", **small)
+    std = train(BUNDLE, "std", hippocampus_dir, tmp_path / "std", **small)
     split = json.loads(Path(std["split_file"]).read_text())
     assert [len(split[s]) for s in ("training", "validation", "test")] == [3, 1, 1]
-    xi = calibrate(BUNDLE, HIPPOCAMPUS, tmp_path / "std", std["model"], **small)
+    xi = calibrate(BUNDLE, hippocampus_dir, tmp_path / "std", std["model"], **small)
     terms = json.loads(Path(xi).read_text())["terms"]
     assert all(t["n"] > 0 and t["xi"] > 0 for t in terms)
-    amat = train(BUNDLE, "amat", HIPPOCAMPUS, tmp_path / "amat", xi_file=xi, delta=1.0, **small)
+    amat = train(BUNDLE, "amat", hippocampus_dir, tmp_path / "amat", xi_file=xi, delta=1.0, **small)
     state = torch.load(Path(amat["ckpt_dir"]) / "checkpoint_epoch=1.pt", weights_only=False)
     ids = state["adversarial"]["margins"]["ids"]
     assert len(ids) == terms[0]["n"] and all(i.startswith("hippocampus_") for i in ids)

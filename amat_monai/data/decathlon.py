@@ -175,7 +175,7 @@ def load_split(
             split = json.loads(Path(split_file).read_text())
             split = {s: [str(c) for c in split[s]] for s in SECTIONS}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"split file {split_file} is not a valid split ({e!r}); expected lists under {SECTIONS}")
+            raise ValueError(f"split file {split_file} is not a valid split ({e!r}); expected lists under {SECTIONS}") from e
         unknown = sorted(set().union(*split.values()) - set(cases))
         if unknown:
             raise ValueError(
