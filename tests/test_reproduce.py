@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from amat_monai.calibration import file_sha256
 from amat_monai.data import make_synthetic_decathlon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,5 +49,8 @@ def test_reproduce_smoke_protocol_resumes_and_ships(tmp_path):
     state = torch.load(models / "model.pt", weights_only=True)
     amat = torch.load(tmp_path / "runs" / "hippocampus" / "runs" / "AMAT" / "models" / "model.pt", weights_only=True)
     assert state.keys() == amat.keys() and all(torch.equal(state[k], amat[k]) for k in state)
+    # shipped byte for byte: the sha256 recorded by the evaluation is the shipped file's
+    report = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "AMAT" / "robustness.json").read_text())
+    assert report["checkpoint_sha256"] == file_sha256(models / "model.pt")
     assert (models / "baselines" / "std.pt").is_file() and len(list((models / "baselines").glob("vat*.pt"))) == 1
     assert json.loads((models / "xi.json").read_text())["terms"][0]["name"] == "dice"
