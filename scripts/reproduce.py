@@ -44,7 +44,9 @@ TASKS: dict[str, dict[str, Any]] = {
         "data": "Task04_Hippocampus",
         "title": "Hippocampus (MSD Task04, 2D DynUNet), Average Dice Index over test slices with both structures",
         "methods": [("STD", "std", {}), ("VAT5", "vat", {"eps": 5.0}), ("VAT10", "vat", {"eps": 10.0}),
-                    ("VAT15", "vat", {"eps": 15.0}), ("AMAT", "amat", {})],
+                    ("VAT15", "vat", {"eps": 15.0}), ("AMAT", "amat", {}),
+                    # the expand condition on the Dice term alone, as the authors' nnU-Net code tested it
+                    ("AMAT-Dice", "amat", {"amat_condition_terms": [0]})],
         "eps": [2.0, 6.0, 10.0],
         "paper": """| method | clean | PGD2 | PGD6 | PGD10 | PGD avg | IFGSM2 | IFGSM6 | IFGSM10 | IFGSM avg |
 |---|---|---|---|---|---|---|---|---|---|
@@ -187,8 +189,15 @@ def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | 
     return {"reports": reports, "stages": stages.done, "xi": json.loads(Path(xi_file).read_text())}
 
 
-def _check(report: dict[str, Any], std: dict[str, Any], vats: list[dict[str, Any]], tol: float) -> list[str]:
-    """The papers' qualitative claims for AMAT (``report``), checked against the JSON numbers."""
+def _best(reports: dict[str, dict[str, Any]], prefix: str) -> str:
+    """The run named ``prefix...`` with the best PGD + IFGSM averages."""
+    sign = 1.0 if reports["STD"]["higher_is_better"] else -1.0
+    names = [n for n in reports if n.startswith(prefix)]
+    return max(names, key=lambda n: sign * (reports[n]["averages"]["pgd"] + reports[n]["averages"]["ifgsm"]))
+
+
+def _check(name: str, report: dict[str, Any], std: dict[str, Any], vats: list[dict[str, Any]], tol: float) -> list[str]:
+    """The papers' qualitative claims for an AMAT run (``report``), checked against the JSON numbers."""
     higher = bool(report["higher_is_better"])
     sign = 1.0 if higher else -1.0
     lines = []
@@ -196,18 +205,19 @@ def _check(report: dict[str, Any], std: dict[str, Any], vats: list[dict[str, Any
         ours = report["averages"][attack]
         best = max((v["averages"][attack] for v in vats), key=lambda x: sign * x)
         verdict = "holds" if sign * (ours - best) > 0 else "does not hold"
-        lines.append(f"AMAT {attack.upper()} average {ours:.4f} vs best VAT {best:.4f}: {verdict}")
+        lines.append(f"{name} {attack.upper()} average {ours:.4f} vs best VAT {best:.4f}: {verdict}")
     gap = report["clean"] - std["clean"]
     ok = sign * gap >= -tol
-    lines.append(f"AMAT clean {report['clean']:.4f} vs STD {std['clean']:.4f} (difference {gap:+.4f}, allowed "
+    lines.append(f"{name} clean {report['clean']:.4f} vs STD {std['clean']:.4f} (difference {gap:+.4f}, allowed "
                  f"{'-' if higher else '+'}{tol:g}): {'holds' if ok else 'does not hold'}")
     return lines
 
 
 def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path, results_dir: Path) -> None:
     """Copy every ``robustness.json`` to ``results_dir/<task>/<method>/``, write the task's section to
-    ``results_dir/<task>/RESULTS.md`` and rebuild ``path`` from the sections of every task found there, so that
-    tasks reproduced one at a time (or in separate sessions) end up in one document."""
+    ``results_dir/<task>/RESULTS.md`` (followed by ``results_dir/<task>/NOTES.md``, the hand-written analysis,
+    when it exists) and rebuild ``path`` from the sections of every task found there, so that tasks reproduced
+    one at a time (or in separate sessions) end up in one document."""
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     for task, result in results.items():
@@ -220,7 +230,8 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
         table = paper_table(list(reports.values()), list(reports))
         vats = [r for n, r in reports.items() if n.startswith("VAT")]
         tol = 0.02 if reports["STD"]["higher_is_better"] else 0.3
-        checks = _check(reports["AMAT"], reports["STD"], vats, tol)
+        checks = [line for n, r in reports.items() if n.startswith("AMAT")
+                  for line in _check(n, r, reports["STD"], vats, tol)]
         stage_lines = [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in result["stages"].items()]
         total = sum(v["seconds"] for v in result["stages"].values()) / 60
         xi = ", ".join(f"{t['name']} {t['xi']:.4f}" for t in result["xi"]["terms"])
@@ -238,6 +249,9 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
             "### Wall time per stage (minutes)", "", "| stage | minutes |", "|---|---|", *stage_lines,
             f"| total | {total:.1f} |", "",
         ])
+        notes = results_dir / task / "NOTES.md"  # the analysis, written by hand, kept across re-runs
+        if notes.is_file():
+            section += "\n" + notes.read_text().strip() + "\n"
         atomic_write_text(results_dir / task / "RESULTS.md", section)
     sections = [(results_dir / t / "RESULTS.md").read_text() for t in TASKS if (results_dir / t / "RESULTS.md").is_file()]
     header = [
@@ -257,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the markdown to write")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--ship", action="store_true",
-                        help="copy the AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
+                        help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
                              "models/baselines/")
     parser.add_argument("--bundles", default=str(ROOT / "bundles"), help="where --ship puts the models")
     args = parser.parse_args(argv)
@@ -276,13 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ship(task: str, work: Path, reports: dict[str, dict[str, Any]], bundles: Path) -> None:
-    """Put the weights (plain state dicts) where the bundle and MONAI Label look for them."""
+    """Put the weights (plain state dicts) where the bundle and MONAI Label look for them: the best AMAT run
+    (PGD + IFGSM averages) as ``model.pt``, STD and the best VAT under ``baselines/``."""
     models = bundles / TASKS[task]["bundle"] / "models"
     (models / "baselines").mkdir(parents=True, exist_ok=True)
-    sign = 1.0 if reports["STD"]["higher_is_better"] else -1.0
-    vats = [n for n in reports if n.startswith("VAT")]
-    best_vat = max(vats, key=lambda n: sign * (reports[n]["averages"]["pgd"] + reports[n]["averages"]["ifgsm"]))
-    for name, target in (("AMAT", models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
+    best_vat = _best(reports, "VAT")
+    for name, target in ((_best(reports, "AMAT"), models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
                          (best_vat, models / "baselines" / f"{best_vat.lower()}.pt")):
         source = work / "runs" / name / "models" / "model.pt"
         state = torch.load(source, map_location="cpu", weights_only=True)

@@ -77,6 +77,20 @@ def test_amat_shrink_rules_on_a_batch_that_always_fails():
         assert handler.table.as_dict() == {f"case0:{i}": expected for i in range(4)}
 
 
+def test_amat_condition_terms_choose_which_thresholds_count():
+    # term 0 always passes (xi 100), term 1 always fails (xi 0): testing term 0 alone expands every margin,
+    # testing term 1 alone (or both, the default) shrinks them halfway to the clean input
+    for terms, expected in (([0], 2.5), ([1], 1.0), (None, 1.0)):
+        handler = AdaptiveMarginHandler(TERMS, xi=[100.0, 0.0], delta=0.5, steps=2, condition_terms=terms)
+        handler.table.set([f"case0:{i}" for i in range(4)], torch.full((4,), 2.0))
+        trainer, _ = _trainer(handler, epoch_length=1)
+        trainer.run()
+        assert handler.table.as_dict() == {f"case0:{i}": expected for i in range(4)}, terms
+    for bad in ([], [2], [-1]):
+        with pytest.raises(ValueError, match="condition_terms"):
+            AdaptiveMarginHandler(TERMS, xi=[1.0, 1.0], delta=0.5, condition_terms=bad)
+
+
 def test_amat_margins_grow_from_delta_and_stay_in_range():
     handler = AdaptiveMarginHandler(TERMS, xi=[0.6, 0.8], delta=0.25, steps=3, eps_max=1.0)
     trainer, _ = _trainer(handler, epochs=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -35,6 +36,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         shrink: ``"bisect"`` (halfway to the boundary found by bisection, default) or ``"step"`` (back by Δ).
         eps_max: optional cap on the margins.
         bisect_steps: forward passes of the boundary search.
+        condition_terms: indices of the loss terms the expand condition tests (default: all, as in the paper);
+            the others get no threshold. The authors' nnU-Net code tested the Dice term alone.
         log_every: log a margin summary every this many epochs (0: never).
         kwargs: attack settings, see :class:`~amat_monai.handlers.AdversarialTrainingHandler`.
 
@@ -49,6 +52,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         shrink: str = "bisect",
         eps_max: float | None = None,
         bisect_steps: int = 10,
+        condition_terms: list[int] | None = None,
         log_every: int = 1,
         **kwargs,
     ) -> None:
@@ -60,6 +64,13 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         if shrink not in ("bisect", "step"):
             raise ValueError(f"shrink must be 'bisect' or 'step', got {shrink!r}")
         self.xi = load_xi(xi)
+        if condition_terms is not None:
+            terms = sorted({int(k) for k in condition_terms})
+            if not terms or terms[0] < 0 or terms[-1] >= self.xi.numel():
+                raise ValueError(f"condition_terms must index the {self.xi.numel()} thresholds of xi, got {condition_terms}")
+            untested = torch.ones(self.xi.numel(), dtype=torch.bool)
+            untested[terms] = False
+            self.xi[untested] = math.inf  # a finite loss is always below it
         self.delta = float(delta)
         self.shrink = shrink
         self.eps_max = eps_max
