@@ -219,7 +219,7 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
     when it exists) and rebuild ``path`` from the sections of every task found there, so that tasks reproduced
     one at a time (or in separate sessions) end up in one document."""
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+               f"{torch.get_num_threads()} thread(s)")
     for task, result in results.items():
         spec, settings = TASKS[task], PROTOCOLS[protocol][task]
         reports = result["reports"]
@@ -305,7 +305,9 @@ def ship(task: str, work: Path, reports: dict[str, dict[str, Any]], bundles: Pat
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
-    shutil.copyfile(work / "runs" / "STD" / "xi.json", models / "xi.json")
+    xi = json.loads((work / "runs" / "STD" / "xi.json").read_text())
+    xi["checkpoint"] = "models/baselines/std.pt"  # the calibrated STD model, shipped (same sha256)
+    atomic_write_text(models / "xi.json", json.dumps(xi, indent=2))
 
 
 if __name__ == "__main__":

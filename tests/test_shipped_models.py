@@ -45,5 +45,6 @@ def test_shipped_weights_are_the_evaluated_ones(task):
         network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
 
     xi = json.loads((models / "xi.json").read_text())
+    assert xi["checkpoint_sha256"] == file_sha256(bundle / xi["checkpoint"]), "ξ was calibrated on another model"
     assert len(xi["xi"]) == SHIPPED[task][1] and all(v > 0 for v in xi["xi"])
     assert f"{xi['terms'][0]['xi']:.4f}" in (results / "RESULTS.md").read_text(), "RESULTS.md names another ξ"
