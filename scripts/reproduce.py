@@ -295,6 +295,8 @@ def ship(task: str, work: Path, reports: dict[str, dict[str, Any]], bundles: Pat
     models = bundles / TASKS[task]["bundle"] / "models"
     (models / "baselines").mkdir(parents=True, exist_ok=True)
     best_vat = _best(reports, "VAT")
+    for stale in (models / "baselines").glob("vat*.pt"):  # a VAT that was the best in an earlier run
+        stale.unlink()
     for name, target in ((_best(reports, "AMAT"), models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
                          (best_vat, models / "baselines" / f"{best_vat.lower()}.pt")):
         source = work / "runs" / name / "models" / "model.pt"
