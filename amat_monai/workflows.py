@@ -34,6 +34,7 @@ __all__ = [
     "METHOD_CONFIGS",
     "config_files",
     "parse_overrides",
+    "common_overrides",
     "build_workflow",
     "run_workflow",
     "train",
@@ -218,7 +219,9 @@ def run_workflow(workflow: ConfigWorkflow) -> list[Any]:
         raise
 
 
-def _common_overrides(dataset_dir, output_dir, max_cases=None, device=None, checkpoint=None) -> dict[str, Any]:
+def common_overrides(dataset_dir, output_dir, max_cases=None, device=None, checkpoint=None) -> dict[str, Any]:
+    """Bundle config overrides for the usual run arguments, checked first: a missing dataset folder or
+    checkpoint raises ``FileNotFoundError`` naming it; ``None`` leaves the config's value."""
     out: dict[str, Any] = {}
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
@@ -267,7 +270,7 @@ def train(
         raise ValueError(f"method must be one of {sorted(METHOD_CONFIGS)}, got {method!r}")
     device = overrides.pop("device", None)
     max_cases = overrides.pop("max_cases", None)
-    ovr = {**_common_overrides(dataset_dir, output_dir, max_cases, device), **overrides}
+    ovr = {**common_overrides(dataset_dir, output_dir, max_cases, device), **overrides}
     if method == "amat" and "xi_file" in ovr and not Path(ovr["xi_file"]).is_file():
         raise FileNotFoundError(
             f"ξ file not found: {ovr['xi_file']} (AMAT needs thresholds from a normally trained model: "
@@ -311,7 +314,7 @@ def calibrate(
     """
     device = overrides.pop("device", None)
     max_cases = overrides.pop("max_cases", None)
-    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
+    ovr = common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
     if z is not None:
         ovr["xi_z"] = float(z)
     if estimator is not None:
@@ -336,7 +339,7 @@ def evaluate(
     """
     device = overrides.pop("device", None)
     max_cases = overrides.pop("max_cases", None)
-    ovr = _common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
+    ovr = common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
     ovr.update(overrides)
     workflow = build_workflow(bundle, ["train.json", "evaluate.json"], "infer", **ovr)
     run_workflow(workflow)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amat_monai.attacks import pgd  # noqa: E402
-from amat_monai.workflows import _common_overrides, build_workflow, load_weights, parse_overrides  # noqa: E402
+from amat_monai.workflows import common_overrides, build_workflow, load_weights, parse_overrides  # noqa: E402
 
 
 def adversarial_losses(network, loss_terms, loader, eps: list[float], steps: int, device) -> dict[float, torch.Tensor]:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = json.loads(Path(args.xi).read_text())["terms"]
     names = [t["name"] for t in stats]
 
-    overrides = {**_common_overrides(args.dataset_dir, None, args.max_cases, "cpu", args.checkpoint),
+    overrides = {**common_overrides(args.dataset_dir, None, args.max_cases, "cpu", args.checkpoint),
                  **parse_overrides(args.override)}
     workflow = build_workflow(args.bundle, ["train.json", "calibrate.json"], "infer", **overrides)
     workflow.initialize()

@@ -23,7 +23,6 @@ from amat_monai.data import (
 )
 
 
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     return Path(make_synthetic_decathlon(tmp_path_factory.mktemp("syn") / "Task_syn", num_cases=6, seed=1))
