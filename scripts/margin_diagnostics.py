@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--z", default="0,1,2")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--output-dir", default=None,
+                        help="where the split file goes (default: a temporary folder, so nothing is written into the bundle)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON")
     args = parser.parse_args(argv)
     eps = [float(e) for e in args.eps.split(",")]
@@ -54,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     stats = json.loads(Path(args.xi).read_text())["terms"]
     names = [t["name"] for t in stats]
 
-    overrides = {**common_overrides(args.dataset_dir, None, args.max_cases, "cpu", args.checkpoint),
-                 **parse_overrides(args.override)}
-    workflow = build_workflow(args.bundle, ["train.json", "calibrate.json"], "infer", **overrides)
-    workflow.initialize()
-    network = load_weights(workflow.parser.get_parsed_content("network"), args.checkpoint).eval()
-    loss_terms = workflow.parser.get_parsed_content("loss_terms")
-    losses = adversarial_losses(network, loss_terms, workflow.parser.get_parsed_content("dataloader"), eps,
-                                args.steps, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = {**common_overrides(args.dataset_dir, args.output_dir or tmp, args.max_cases, "cpu", args.checkpoint),
+                     **parse_overrides(args.override)}
+        workflow = build_workflow(args.bundle, ["train.json", "calibrate.json"], "infer", **overrides)
+        workflow.initialize()
+        network = load_weights(workflow.parser.get_parsed_content("network"), args.checkpoint).eval()
+        loss_terms = workflow.parser.get_parsed_content("loss_terms")
+        losses = adversarial_losses(network, loss_terms, workflow.parser.get_parsed_content("dataloader"), eps,
+                                    args.steps, torch.device("cpu"))
 
     n = len(next(iter(losses.values())))
     print(f"{n} training samples of {args.dataset_dir}; ξ_k = mean_k + z·std_k from {args.xi}\n")
