@@ -37,8 +37,9 @@ __all__ = [
 
 #: ``loss_fn(pred, y)`` returns per-sample losses ``[B]`` or per-sample per-term losses ``[B, K]``.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``observer(step, delta, losses)`` sees each iterate's perturbation and its ``[B, K]`` losses (both detached).
-Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+#: ``observer(step, delta, losses, pred)`` sees each iterate's perturbation, its ``[B, K]`` losses and the model's
+#: output there (all detached).
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 NORMS = ("l2", "linf")
 
@@ -208,8 +209,8 @@ def pgd(
         clamp: ``None`` (no intensity bound: z-scored images have none) or ``(low, high)``.
         train_mode: run the model in train (``True``) or eval (``False``) mode during the attack;
             ``None`` keeps its current mode. The mode is restored afterwards.
-        observer: called as ``observer(t, delta_t, losses_t)`` at every iterate, for instance to locate
-            where the loss crosses a threshold (see :class:`amat_monai.margins.BoundaryTracker`).
+        observer: called as ``observer(t, delta_t, losses_t, pred_t)`` at every iterate, for instance to locate
+            where the expand condition is first violated (see :class:`amat_monai.margins.BoundaryTracker`).
         return_losses: return an :class:`AttackResult` with the ``[steps, B, K]`` loss history.
         generator: random generator for the random start (reproducible attacks).
 
@@ -229,12 +230,13 @@ def pgd(
     with _attack_context(model, train_mode):
         for t in range(steps):
             delta.requires_grad_(True)
-            losses = per_sample_terms(loss_fn(model(x + delta), y), x.shape[0])
+            pred = model(x + delta)
+            losses = per_sample_terms(loss_fn(pred, y), x.shape[0])
             (grad,) = torch.autograd.grad(losses.sum(), delta)
             delta = delta.detach()
             losses = losses.detach()
             if observer is not None:
-                observer(t, delta, losses)
+                observer(t, delta, losses, pred.detach())
             if return_losses:
                 history.append(losses)
             delta = _project(delta + alpha * _unit_direction(grad, norm), eps_b, norm)

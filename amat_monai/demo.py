@@ -46,7 +46,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "adversarial": {"epochs": 30, "learning_rate": 0.01, "attack_steps": 5},
     "calibrate": {"z": 1.0},
     "vat": {"eps": 3.0},
-    "amat": {"delta": 1.5, "bisect_steps": 5},
+    "amat": {"delta": 1.5, "amat_condition": "terms", "amat_boundary": "bisect", "amat_bisect_steps": 5},
     "eval": {"attacks": ("pgd", "ifgsm"), "eps": (1.0, 2.0, 4.0)},
 }
 
@@ -131,10 +131,10 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
     print(f"[demo] 3/5 training VAT (ε = {eps:g}; {adv['epochs']} epochs from the STD model)", flush=True)
     models[f"VAT{eps:g}"] = train(BUNDLE, "vat", data, runs / "vat", device=device, eps=eps, **common,
                                   **adv)["model"]
-    delta, bisect = DEMO_SETTINGS["amat"]["delta"], DEMO_SETTINGS["amat"]["bisect_steps"]
+    delta, bisect = DEMO_SETTINGS["amat"]["delta"], DEMO_SETTINGS["amat"]["amat_bisect_steps"]
     print(f"[demo] 4/5 training AMAT (Δ = {delta:g}; {adv['epochs']} epochs from the STD model)", flush=True)
-    models["AMAT"] = train(BUNDLE, "amat", data, runs / "amat", device=device, xi_file=xi, delta=delta,
-                           bisect_steps=bisect, **common, **adv)["model"]
+    models["AMAT"] = train(BUNDLE, "amat", data, runs / "amat", device=device, xi_file=xi,
+                           **DEMO_SETTINGS["amat"], **common, **adv)["model"]
     print("[demo] 5/5 evaluating on the test slices: clean, PGD-100 and IFGSM-10 (L2)", flush=True)
     reports = {name: _evaluate(name, path, str(data), out, device, common) for name, path in models.items()}
     seconds = time.perf_counter() - start

@@ -228,25 +228,31 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def sync_margins(table, ids: Sequence[str], values: torch.Tensor) -> None:
+def sync_margins(table, ids: Sequence[str], values: torch.Tensor, trained_at: torch.Tensor | None = None) -> None:
     """Give every rank the margins each rank just set for its own batch.
 
-    Call it on every rank, once per iteration, after ``table.set(ids, values)``. The updates of all ranks are
-    applied in rank order on every rank (its own included), so a sample that two ranks saw in the same
-    iteration (``DistributedSampler`` pads the last batches with repeats) ends with the same value everywhere.
-    A no-op when not distributed.
+    Call it on every rank, once per iteration, after ``table.set(ids, values, trained_at)``. The updates of all
+    ranks are applied in rank order on every rank (its own included, its visit not counted twice), so a sample
+    that two ranks saw in the same iteration (``DistributedSampler`` pads the last batches with repeats) ends
+    with the same value everywhere. A no-op when not distributed.
 
     Args:
         table: a :class:`amat_monai.margins.MarginTable`.
         ids: this rank's sample ids for the iteration.
         values: their new margins ``[B]``.
+        trained_at: the radii they were trained at (counted as visits on the other ranks).
     """
     if not is_distributed():
         return
-    mine = ([str(i) for i in ids], torch.as_tensor(values).detach().to("cpu", torch.float64).reshape(-1).tolist())
-    for rank_ids, rank_values in all_gather_objects(mine):
+
+    def as_list(t):
+        return None if t is None else torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1).tolist()
+
+    mine = ([str(i) for i in ids], as_list(values), as_list(trained_at))
+    for rank, (rank_ids, rank_values, rank_radii) in enumerate(all_gather_objects(mine)):
         if rank_ids:
-            table.set(rank_ids, torch.tensor(rank_values, dtype=torch.float64))
+            radii = None if rank_radii is None or rank == get_rank() else torch.tensor(rank_radii, dtype=torch.float64)
+            table.set(rank_ids, torch.tensor(rank_values, dtype=torch.float64), radii)
 
 
 def sync_ensemble(ensemble: dict[str, torch.Tensor], ids: Sequence[str]) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "split_channels",
     "decode_landmarks",
     "LandmarkDecoder",
+    "LandmarkGridError",
     "LandmarkErrorMetric",
     "LandmarkTargetsd",
     "DecodeLandmarksd",
@@ -196,6 +197,31 @@ class LandmarkDecoder:
         sizes = _original_sizes(batch or {}, self.original_size_key, pts.shape[0], self.original_size)
         scale = (sizes / grid).flip(-1)  # (W0/W, H0/H) per sample: x first
         return (pts + 0.5) * scale[:, None, :] - 0.5
+
+
+class LandmarkGridError:
+    """Per-image mean radial error on the network grid, in grid pixels: ``score(pred, target) -> [B]``.
+
+    The score function of AMAT's ``"metric"`` expand condition for landmarks (:mod:`amat_monai.conditions`):
+    the true landmarks are decoded from the heatmap + offset targets themselves, so the trainer's batch is
+    enough (no original sizes or spacings needed).
+
+    Args:
+        radius: the targets' disc radius ``R`` (network-grid pixels).
+    """
+
+    name = "radial_error_px"
+    higher_is_better = False
+
+    def __init__(self, radius: float = 10.0) -> None:
+        self.radius = float(radius)
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        target = target.as_tensor() if hasattr(target, "as_tensor") else target
+        found = decode_landmarks(pred.detach(), self.radius)
+        true = decode_landmarks(target.to(pred.device), self.radius, heatmap_activation=None)
+        return (found - true).norm(dim=-1).mean(dim=-1)
 
 
 class LandmarkErrorMetric(Metric):

@@ -41,6 +41,7 @@ __all__ = [
     "LandmarkMetric",
     "hard_dice_counts",
     "dice_from_counts",
+    "PresentClassDice",
     "radial_errors",
     "mean_radial_error",
     "successful_detection_rates",
@@ -163,6 +164,31 @@ def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
     tp, fp, fn = counts.unbind(-1)
     denom = 2 * tp + fp + fn
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))
+
+
+class PresentClassDice:
+    """Per-slice hard Dice over the foreground classes present in the slice's label: ``score(logits, label) -> [B]``.
+
+    The score function of AMAT's ``"metric"`` expand condition (:mod:`amat_monai.conditions`). Counting only
+    the classes in the label lets a perfectly segmented slice that holds one of two structures score 1, where a
+    mean over all classes would cap it at 0.5. A slice whose label has no foreground scores 1 when nothing is
+    predicted and 0 otherwise.
+    """
+
+    name = "dice_present"
+    higher_is_better = True
+
+    def __call__(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        counts = hard_dice_counts(pred.detach(), label.to(pred.device))  # [B, C-1, 3]
+        tp, fp, fn = counts.unbind(-1)
+        present = (tp + fn) > 0
+        dice = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+        n_present = present.sum(dim=1)
+        mean_present = (dice * present).sum(dim=1) / n_present.clamp_min(1)
+        empty_ok = (fp.sum(dim=1) == 0).to(dice.dtype)
+        return torch.where(n_present > 0, mean_present, empty_ok)
 
 
 class SegmentationMetric(TaskMetric):

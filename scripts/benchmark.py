@@ -108,8 +108,10 @@ def make_handler(kind: str, steps: int, xi: list[float]):
     common = {"steps": steps, "step_size_factor": 4.0}
     if kind == "vat":
         return FixedMarginHandler(SegmentationLoss(), eps=EPS, **common)
-    shrink = "step" if kind == "amat_step" else "bisect"
-    return AdaptiveMarginHandler(SegmentationLoss(), xi=xi, delta=DELTA, shrink=shrink, log_every=0, **common)
+    # "amat": the default boundary (interpolated from the attack's iterates, no extra forward pass)
+    shrink = "step" if kind == "amat_step" else "halfway"
+    return AdaptiveMarginHandler(SegmentationLoss(), xi=xi, delta=DELTA, shrink=shrink, log_every=0,
+                                 freeze_clean_failures=False, **common)
 
 
 def train_epoch(net0: torch.nn.Module, items: list[dict], kind: str, steps: int, xi: list[float],

@@ -121,7 +121,7 @@ def test_clamp_keeps_the_intensity_range():
 def test_loss_history_and_observer_see_every_iterate():
     net, (x, y) = _net(), _data()
     seen = []
-    result = pgd(net, LOSS, x, y, EPS, steps=4, return_losses=True, observer=lambda t, d, l: seen.append((t, d, l)))
+    result = pgd(net, LOSS, x, y, EPS, steps=4, return_losses=True, observer=lambda t, d, l, p: seen.append((t, d, l)))
     assert isinstance(result, AttackResult)
     assert result.losses.shape == (4, 4, 2)
     assert [t for t, _, _ in seen] == [0, 1, 2, 3]

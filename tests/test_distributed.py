@@ -65,9 +65,9 @@ def _worker(out_dir: str) -> None:
     records = []  # (iteration, ids, values) of this rank's own updates
     real_sync = am.sync_margins
 
-    def recording_sync(table, ids, values):
+    def recording_sync(table, ids, values, **kwargs):
         records.append((trainer.state.iteration, list(ids), values.tolist()))
-        real_sync(table, ids, values)
+        real_sync(table, ids, values, **kwargs)
 
     am.sync_margins = recording_sync
     dataset = Dataset(_items())
@@ -168,7 +168,7 @@ def test_checkpoint_restores_every_margin_into_one_process(two_rank_run):
     ckpt = out_dir / "final.pt"
     assert ckpt.is_file() and sorted(p.name for p in out_dir.glob("*.pt")) == ["final.pt", "rank0.pt", "rank1.pt"]
     network, handler = _network(), _handler()
-    handler.xi = torch.full_like(handler.xi, 1e3)  # every sample expands: the continued run is predictable
+    handler.condition.thresholds = torch.full_like(handler.condition.thresholds, 1e3)  # every sample expands: the continued run is predictable
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=EPOCHS + 1,
@@ -201,7 +201,7 @@ def test_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_seg"
     data = make_synthetic_decathlon(tmp_path / "Task", num_cases=5, seed=3)
     xi_file = tmp_path / "xi.json"
-    atomic_write_text(xi_file, json.dumps({"xi": [0.5, 0.8]}))
+    atomic_write_text(xi_file, json.dumps({"xi": [0.5, 0.8], "metric": {"name": "dice_present", "xi": 0.5}}))
     tiny = {"epochs": 1, "batch_size": 8, "attack_steps": 2, "progress": False, "network_filters": [4, 8, 8, 16]}
     paths = train(bundle, "amat", data, tmp_path / "out", nproc=2, device="cpu", xi_file=str(xi_file), **tiny)
     state = torch.load(next(Path(paths["ckpt_dir"]).glob("checkpoint_epoch=*.pt")), weights_only=False)

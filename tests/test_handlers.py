@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.nets import UNet
 from torch.utils.data import DataLoader
 
+from amat_monai.conditions import TotalLossCondition
 from amat_monai.handlers import AdaptiveMarginHandler, FixedMarginHandler, TemporalEnsemblingHandler
 from amat_monai.handlers.temporal_ensembling import teat_weight
 from amat_monai.losses import MeanLoss, SegmentationLoss
@@ -68,20 +70,67 @@ def test_amat_changes_exactly_the_margins_of_the_batch():
 
 
 def test_amat_shrink_rules_on_a_batch_that_always_fails():
-    for shrink, expected in (("step", 1.5), ("bisect", 1.0)):
+    for kwargs, expected in (({"shrink": "step"}, 1.5), ({"boundary": "bisect"}, 1.0), ({}, 1.0),
+                             ({"shrink": "none"}, 2.0)):
         # xi = 0: the clean input already violates, so the boundary is the clean input (norm 0)
-        handler = AdaptiveMarginHandler(TERMS, xi=[0.0, 0.0], delta=0.5, steps=2, shrink=shrink)
+        handler = AdaptiveMarginHandler(TERMS, xi=[0.0, 0.0], delta=0.5, steps=2, freeze_clean_failures=False,
+                                        **kwargs)
         handler.table.set([f"case0:{i}" for i in range(4)], torch.full((4,), 2.0))
         trainer, _ = _trainer(handler, epoch_length=1)
         trainer.run()
-        assert handler.table.as_dict() == {f"case0:{i}": expected for i in range(4)}
+        assert handler.table.as_dict() == {f"case0:{i}": expected for i in range(4)}, kwargs
+
+
+def test_amat_keeps_the_margin_of_a_sample_that_fails_on_its_clean_input(tmp_path):
+    # xi = 0: every sample fails clean, so no margin moves (by default), and the history says so
+    history = tmp_path / "margins.json"
+    handler = AdaptiveMarginHandler(TERMS, xi=[0.0, 0.0], delta=0.5, steps=2, history_path=history)
+    handler.table.set([f"case0:{i}" for i in range(4)], torch.full((4,), 2.0))
+    trainer, _ = _trainer(handler, epoch_length=1)
+    trainer.run()
+    assert handler.table.as_dict() == {f"case0:{i}": 2.0 for i in range(4)}
+    report = json.loads(history.read_text())
+    assert report["epochs"][0]["outcomes"] == {"grown": 0, "shrunk": 0, "frozen": 4}
+    assert report["samples"]["last_outcome"] == ["frozen"] * 4
+    assert report["samples"]["mean_training_radius"] == [2.0] * 4
+
+
+def test_interpolated_and_bisected_boundaries_agree_on_a_real_network():
+    # a threshold between the clean and the attacked loss: the samples cross inside the ball; both boundary
+    # searches land between 0 and the margin, and the interpolated one within a bisection's reach of it
+    results = {}
+    for boundary in ("interpolate", "bisect"):
+        torch.manual_seed(0)
+        handler = AdaptiveMarginHandler(TERMS, xi=[100.0, 100.0], delta=0.5, steps=8, boundary=boundary,
+                                        bisect_steps=12, random_start=False)
+        trainer, net = _trainer(handler, epoch_length=1, lr=0.0)
+        with torch.no_grad():
+            x = torch.stack([i["image"] for i in _items()[:4]])
+            y = torch.stack([i["label"] for i in _items()[:4]])
+            clean = TERMS(net.train()(x), y).sum(1)
+        handler.condition = TotalLossCondition(float(clean.max()) + 0.05)
+        handler.table.set([f"case0:{i}" for i in range(4)], torch.full((4,), 3.0))
+        trainer.run()
+        results[boundary] = torch.tensor(list(handler.table.as_dict().values()))
+    assert ((results["bisect"] > 0.5) & (results["bisect"] < 3.0)).all()
+    torch.testing.assert_close(results["interpolate"], results["bisect"], atol=0.15, rtol=0)
+
+
+def test_geometric_growth_is_capped():
+    handler = AdaptiveMarginHandler(TERMS, xi=[100.0, 100.0], delta=0.5, steps=1, growth="geometric",
+                                    growth_factor=2.0, eps_max=3.0)
+    handler.table.set([f"case0:{i}" for i in range(4)], torch.tensor([0.5, 1.0, 1.4, 2.0]))
+    trainer, _ = _trainer(handler, epoch_length=1)
+    trainer.run()
+    assert list(handler.table.as_dict().values()) == pytest.approx([1.0, 2.0, 2.8, 3.0])
 
 
 def test_amat_condition_terms_choose_which_thresholds_count():
     # term 0 always passes (xi 100), term 1 always fails (xi 0): testing term 0 alone expands every margin,
     # testing term 1 alone (or both, the default) shrinks them halfway to the clean input
     for terms, expected in (([0], 2.5), ([1], 1.0), (None, 1.0)):
-        handler = AdaptiveMarginHandler(TERMS, xi=[100.0, 0.0], delta=0.5, steps=2, condition_terms=terms)
+        handler = AdaptiveMarginHandler(TERMS, xi=[100.0, 0.0], delta=0.5, steps=2, condition_terms=terms,
+                                        freeze_clean_failures=False)
         handler.table.set([f"case0:{i}" for i in range(4)], torch.full((4,), 2.0))
         trainer, _ = _trainer(handler, epoch_length=1)
         trainer.run()
@@ -114,7 +163,10 @@ def test_missing_sample_id_is_a_clear_error():
         trainer.run()
 
 
-@pytest.mark.parametrize("bad", [{"delta": 0.0}, {"delta": 1.0, "eps_max": 0.5}, {"delta": 1.0, "shrink": "x"}])
+@pytest.mark.parametrize("bad", [{"delta": 0.0}, {"delta": 1.0, "eps_max": 0.5}, {"delta": 1.0, "shrink": "x"},
+                                 {"delta": 1.0, "growth": "x"}, {"delta": 1.0, "boundary": "x"},
+                                 {"delta": 1.0, "growth": "geometric", "growth_factor": 1.0},
+                                 {"delta": 1.0, "condition": "metric"}])
 def test_amat_bad_settings(bad):
     with pytest.raises(ValueError):
         AdaptiveMarginHandler(TERMS, xi=[1.0, 1.0], **bad)

@@ -18,7 +18,7 @@ from amat_monai.landmarks import (
     map_coordinates,
 )
 from amat_monai.losses import LandmarkLoss, MeanLoss
-from amat_monai.margins import satisfies
+from amat_monai.conditions import LossTermsCondition
 from amat_monai.metrics import LandmarkMetric
 
 ORIGINAL = (2400, 1935)  # ISBI 2015 original grid (H, W), 0.1 mm pixels
@@ -133,7 +133,7 @@ def test_landmark_loss_terms_on_hand_made_maps():
     torch.testing.assert_close(bce[:, 0], torch.full((2,), math.log(2.0)))
     assert MeanLoss(loss)(p, t).item() == pytest.approx(((2 / 7 + 1.1) + 2 / 7) / 2, abs=1e-5)
     # AMAT's condition needs all three terms under their thresholds
-    assert satisfies(terms, torch.tensor([0.3, 0.5, 0.5])).tolist() == [False, True]
+    assert LossTermsCondition(torch.tensor([0.3, 0.5, 0.5])).passes(terms).tolist() == [False, True]
     with pytest.raises(ValueError, match="3K"):
         LandmarkLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match="dice"):

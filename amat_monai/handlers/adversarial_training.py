@@ -55,6 +55,7 @@ class AdversarialBatch:
     y: torch.Tensor
     x_adv: torch.Tensor
     eps: torch.Tensor
+    observer: Observer | None = None
 
 
 class AdversarialTrainingHandler:
@@ -63,7 +64,9 @@ class AdversarialTrainingHandler:
     Args:
         loss_fn: per-sample loss returning ``[B]`` or ``[B, K]`` (the terms of the training loss).
         steps: PGD steps during training.
-        step_size_factor: each step is ``step_size_factor * eps_i / steps`` (the authors used 4).
+        step_size_factor: each step is ``min(step_size_factor / steps, 1) * eps_i``: the authors' rule (they used
+            4), capped so that one step never exceeds the ball's radius (with 3 steps and a factor of 4 it would
+            be 4ε/3, and every step would land on the sphere).
         norm: ``"l2"`` or ``"linf"``.
         random_start: start PGD from a random point in the ball.
         clamp: optional ``(low, high)`` input range.
@@ -109,9 +112,13 @@ class AdversarialTrainingHandler:
         """Per-sample attack radius ``[B]`` for this batch."""
         raise NotImplementedError
 
-    def observer(self) -> Observer | None:
-        """An observer of the attack path, if the subclass needs one."""
+    def make_observer(self, y: torch.Tensor) -> Observer | None:
+        """A new observer of this batch's attack path, if the subclass needs one (kept in :attr:`current`)."""
         return None
+
+    def step_size(self, eps: torch.Tensor) -> torch.Tensor:
+        """Per-sample PGD step length: ``min(step_size_factor / steps, 1) · eps``."""
+        return min(self.step_size_factor / self.steps, 1.0) * eps
 
     # -- Ignite ---------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -128,6 +135,7 @@ class AdversarialTrainingHandler:
         if len(ids) != x.shape[0]:
             raise ValueError(f"batch has {x.shape[0]} images but {len(ids)} ids under {self.id_key!r}")
         eps = self.radii(ids, x).to(device=x.device, dtype=x.dtype)
+        observer = self.make_observer(y)
         x_adv = pgd(
             unwrap_network(engine.network),
             self.loss_fn,
@@ -135,14 +143,14 @@ class AdversarialTrainingHandler:
             y,
             eps,
             steps=self.steps,
-            step_size=self.step_size_factor * eps / self.steps,
+            step_size=self.step_size(eps),
             norm=self.norm,
             random_start=self.random_start,
             clamp=self.clamp,
             train_mode=self.attack_train_mode,
-            observer=self.observer(),
+            observer=observer,
         )
-        self.current = AdversarialBatch(ids=ids, x=x, y=y, x_adv=x_adv, eps=eps)
+        self.current = AdversarialBatch(ids=ids, x=x, y=y, x_adv=x_adv, eps=eps, observer=observer)
         new_batch = dict(batch)
         new_batch[self.image_key] = x_adv if self.adversarial_only else torch.cat([x, x_adv])
         new_batch[self.label_key] = y if self.adversarial_only else torch.cat([y, y])
@@ -151,6 +159,10 @@ class AdversarialTrainingHandler:
     def adversarial_prediction(self, pred: torch.Tensor) -> torch.Tensor:
         """The rows of the trainer's prediction that belong to ``x_adv``."""
         return pred if self.adversarial_only else pred[pred.shape[0] // 2 :]
+
+    def clean_prediction(self, pred: torch.Tensor) -> torch.Tensor | None:
+        """The rows of the trainer's prediction that belong to ``x`` (``None`` with ``adversarial_only``)."""
+        return None if self.adversarial_only else pred[: pred.shape[0] // 2]
 
     # -- checkpointing (subclasses with state extend these) -----------------------------------------------
     def state_dict(self) -> dict:
