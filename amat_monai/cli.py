@@ -45,6 +45,12 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
                    help="extra bundle config override, e.g. --override 'batch_size=16' (repeatable)")
 
 
+# literal copies of amat_monai.calibration.ESTIMATORS and amat_monai.conditions.CONDITIONS, so that `--help` needs
+# no torch import (tests/test_workflows.py keeps them equal)
+ESTIMATORS = ("mean_std", "median_mad", "huber")
+CONDITIONS = ("terms", "total", "metric")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amat-monai", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--eps", type=float, default=None, help="VAT / TEAT noise level (input units)")
     p.add_argument("--xi", default=None, help="xi.json for AMAT (from `amat-monai calibrate`)")
+    p.add_argument("--condition", choices=CONDITIONS, default=None,
+                   help="AMAT's expand condition: every loss term, the total loss or the task metric (bundle default)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--init-checkpoint", default=None, help="start from these weights (e.g. fine-tune the STD model)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed training (torchrun)")
@@ -63,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="the STD model's weights")
     p.add_argument("--z", type=float, default=None, help="xi = location + z * scale (bundle default)")
-    p.add_argument("--estimator", choices=("mean_std", "huber"), default=None)
+    p.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help="location and scale of the loss thresholds (bundle default)")
+    p.add_argument("--metric-quantile", type=float, default=None,
+                   help="the metric threshold leaves this share of training samples failing (default: the mean score)")
     p.set_defaults(handler="amat_monai.workflows:calibrate_command")
 
     p = sub.add_parser("evaluate", help="evaluate a model on clean and attacked inputs")

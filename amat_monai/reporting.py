@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Table", "load_report", "paper_table", "plot_runs", "compare_command"]
+__all__ = ["Table", "load_report", "paper_table", "plot_runs", "save_figure", "compare_command"]
 
 
 @dataclass
@@ -196,18 +196,23 @@ def plot_runs(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG through a temporary file and a rename (a crash leaves no half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -395,6 +395,10 @@ def train_command(args: argparse.Namespace) -> int:
         if args.method != "amat":
             raise ValueError(f"--xi is for amat, not {args.method}")
         ovr["xi_file"] = str(Path(args.xi).resolve())
+    if getattr(args, "condition", None) is not None:
+        if args.method != "amat":
+            raise ValueError(f"--condition is for amat, not {args.method}")
+        ovr["amat_condition"] = args.condition
     if getattr(args, "init_checkpoint", None):
         if not Path(args.init_checkpoint).is_file():
             raise FileNotFoundError(f"--init-checkpoint not found: {args.init_checkpoint}")
@@ -410,11 +414,21 @@ def train_command(args: argparse.Namespace) -> int:
 def calibrate_command(args: argparse.Namespace) -> int:
     """``amat-monai calibrate``."""
     ovr = parse_overrides(getattr(args, "override", None))
+    if getattr(args, "metric_quantile", None) is not None:
+        ovr["xi_metric_quantile"] = float(args.metric_quantile)
     path = calibrate(
         args.bundle, args.dataset_dir, args.output_dir, args.checkpoint, z=args.z, estimator=args.estimator,
         max_cases=args.max_cases, device=args.device, **ovr,
     )
     content = json.loads(Path(path).read_text())
     terms = ", ".join(f"{t['name']} ξ={t['xi']:.4f} (n={t['n']})" for t in content["terms"])
-    print(f"wrote {path}: {terms}")
+    extra = [f"total ξ={content['total']['xi']:.4f}"]
+    if content.get("metric"):
+        extra.append(f"{content['metric']['name']} ξ={content['metric']['xi']:.4f}")
+    feasibility = content.get("feasibility") or {}
+    shares = "; ".join(f"{k} " + " / ".join(f"{v:.1%}" for v in feasibility[k])
+                       for k in ("terms", "total", "metric") if k in feasibility)
+    print(f"wrote {path}: {terms}, {', '.join(extra)}")
+    if shares:
+        print(f"training samples passing each condition at ε = {', '.join(f'{e:g}' for e in feasibility['eps'])}: {shares}")
     return 0

@@ -6,8 +6,9 @@ On the segmentation bundle's network (``bundles/hippocampus_seg`` ``network_def`
 needed). Contenders alternate in every round; medians are reported. Prints a table and, last, one JSON line:
 
 * ``amat_over_vat_epoch_time``: one AMAT epoch over one VAT epoch, same PGD steps (goal <= 1.05); AMAT
-  bisects the boundary of the samples that fail (``xi`` is set so that about half of them do, as around
-  AMAT's steady state); ``amat_step_shrink_over_vat_epoch_time`` is AMAT with the bisection-free shrink rule;
+  shrinks the samples that fail halfway to their boundary, interpolated from the attack's own iterates (``xi``
+  is set so that about half of them fail, as around AMAT's steady state); ``amat_step_shrink_over_vat_epoch_time``
+  is AMAT with the step-back shrink rule;
 * ``pgd_step_over_fwd_bwd``: one PGD step over one forward + input-gradient backward (goal <= 1.10);
 * ``pgd_vs_torchattacks_time`` / ``pgd_vs_torchattacks_loss``: our ``pgd`` against torchattacks' ``PGDL2`` on
   this network with per-pixel CE and a ``[0, 1]`` clamp (goals <= 1.0 / >= 1.0), random start (same seed);
@@ -209,6 +210,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-steps", type=int, default=None, help="PGD steps of the robust-evaluation cell (default 20, quick 5)")
     p.add_argument("--ddp-steps", type=int, default=None, help="PGD steps in the DDP comparison (default 5, quick 2)")
     p.add_argument("--skip-ddp", action="store_true")
+    p.add_argument("--epoch-only", action="store_true", help="only the AMAT / VAT epoch-time comparison")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--xi", type=float, nargs="*", default=None, help=argparse.SUPPRESS)
@@ -251,6 +253,9 @@ def main(argv=None) -> dict:
     res["amat_fraction_shrunk"] = statistics.mean(shrunk)
     res["amat_over_vat_epoch_time_range"] = paired_range(epoch["amat"], epoch["vat"])
     res["amat_step_shrink_over_vat_epoch_time_range"] = paired_range(epoch["amat_step"], epoch["vat"])
+    if args.epoch_only:
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(("epoch_s", "amat_", "steps", "threads"))}))
+        return res
 
     # 2. attack step cost and torchattacks, on this network in eval mode, per-pixel CE, inputs in [0, 1]
     PGDL2 = ba.load_pgdl2()

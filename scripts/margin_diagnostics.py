@@ -1,13 +1,16 @@
-"""Why AMAT's margins grow, or do not: for a trained model and its ``xi.json``, the share of training samples
-that meet AMAT's expand condition (every loss term below its ξ_k) under PGD at each ε, for several z
-(ξ_k = mean_k + z·std_k, from the statistics ``xi.json`` keeps), and the share that each term alone lets through.
+"""How AMAT's margins moved during a run: per-epoch margin quantiles and grown / shrunk / unchanged rates, split by
+sample kind, from the ``margins.json`` history that :class:`amat_monai.handlers.AdaptiveMarginHandler` writes
+(``history_path``; the bundles write it to ``<output_dir>/margins.json``).
 
-    python scripts/margin_diagnostics.py --bundle bundles/hippocampus_seg \\
-        --dataset-dir $AMAT_DATA_DIR/Task04_Hippocampus --max-cases 20 \\
-        --checkpoint reproduce_runs/hippocampus/runs/STD/models/model.pt \\
-        --xi reproduce_runs/hippocampus/runs/STD/xi.json --eps 0,2.5,5,10 --z 0,1,2 --steps 3
+    python scripts/margin_diagnostics.py --history reproduce_runs/hippocampus-margins/runs/AMAT-B/margins.json \\
+        --bundle bundles/hippocampus_seg --dataset-dir $AMAT_DATA_DIR/Task04_Hippocampus \\
+        --override 'train_slices="foreground"'
 
-The attack is the training attack (L2 PGD, step 4ε/steps, random start) with the network in eval mode.
+With ``--bundle`` and ``--dataset-dir`` the training slices of a segmentation bundle are split by how many
+foreground structures their label holds (one- vs two-structure slices), read through the bundle's own
+training data set and the run's ``split.json`` (next to ``margins.json``). Without them every sample is of one
+kind. Whether a condition leaves AMAT room to grow before training is in ``xi.json``'s ``feasibility``
+(``amat-monai calibrate``).
 """
 
 from __future__ import annotations
@@ -15,69 +18,67 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amat_monai.attacks import pgd  # noqa: E402
-from amat_monai.workflows import common_overrides, build_workflow, load_weights, parse_overrides  # noqa: E402
+from amat_monai.workflows import build_workflow, common_overrides, parse_overrides  # noqa: E402
 
 
-def adversarial_losses(network, loss_terms, loader, eps: list[float], steps: int, device) -> dict[float, torch.Tensor]:
-    """Per-sample, per-term losses ``[N, K]`` of every training sample after PGD at each ε (ε = 0: clean)."""
-    out: dict[float, list[torch.Tensor]] = {e: [] for e in eps}
-    for batch in loader:
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        for e in eps:
-            x_adv = x if e == 0 else pgd(network, loss_terms, x, y, e, steps=steps, step_size=4.0 * e / steps)
-            with torch.no_grad():
-                out[e].append(loss_terms(network(x_adv), y).cpu())
-    return {e: torch.cat(v) for e, v in out.items()}
+def sample_kinds(bundle: str, dataset_dir: str, split_file: Path, overrides: list[str]) -> dict[str, str]:
+    """``{sample_id: "1 structure" | "2 structures" | ...}`` for the training slices of a segmentation bundle."""
+    ovr = {**common_overrides(dataset_dir, split_file.parent), "split_file": str(split_file), **parse_overrides(overrides)}
+    workflow = build_workflow(bundle, ["train.json"], "train", **ovr)
+    workflow.initialize()
+    kinds = {}
+    for item in workflow.parser.get_parsed_content("train#dataset"):
+        label = np.asarray(item["label"])
+        n = len(set(np.unique(label).tolist()) - {0})
+        kinds[str(item["sample_id"])] = f"{n} structure{'s' if n != 1 else ''}"
+    return kinds
+
+
+def epoch_table(history: dict, kinds: dict[str, str] | None) -> list[str]:
+    """Markdown rows: per epoch and kind, margin quantiles and the share of margins grown / shrunk / unchanged."""
+    ids = history["samples"]["ids"]
+    per_epoch = [np.asarray(m, dtype=float) for m in history["samples"]["margins_per_epoch"]]
+    init = float(history["settings"]["init"])
+    labels = np.asarray([kinds.get(i, "unknown") if kinds else "all" for i in ids])
+    rows = ["| epoch | kind | n | q10 | median | q90 | grown | shrunk | unchanged |", "|---|---|---|---|---|---|---|---|---|"]
+    previous = np.full(len(ids), init)
+    for epoch, margins in enumerate(per_epoch, start=1):
+        for kind in sorted(set(labels)):
+            sel = labels == kind
+            m, p = margins[sel], previous[sel]
+            q10, q50, q90 = np.percentile(m, [10, 50, 90])
+            rows.append(f"| {epoch} | {kind} | {sel.sum()} | {q10:.2f} | {q50:.2f} | {q90:.2f} | "
+                        f"{np.mean(m > p + 1e-9):.1%} | {np.mean(m < p - 1e-9):.1%} | {np.mean(np.abs(m - p) <= 1e-9):.1%} |")
+        previous = margins
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--dataset-dir", required=True)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--xi", required=True, help="xi.json written by `amat-monai calibrate`")
-    parser.add_argument("--eps", default="0,2.5,5,10")
-    parser.add_argument("--z", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--max-cases", type=int, default=None)
-    parser.add_argument("--output-dir", default=None,
-                        help="where the split file goes (default: a temporary folder, so nothing is written into the bundle)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON")
+    parser.add_argument("--history", required=True, help="margins.json written by the AMAT handler")
+    parser.add_argument("--bundle", default=None, help="a segmentation bundle, to split slices by structure count")
+    parser.add_argument("--dataset-dir", default=None)
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                        help="config overrides of the run (e.g. train_slices)")
     args = parser.parse_args(argv)
-    eps = [float(e) for e in args.eps.split(",")]
-    zs = [float(z) for z in args.z.split(",")]
-    stats = json.loads(Path(args.xi).read_text())["terms"]
-    names = [t["name"] for t in stats]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        overrides = {**common_overrides(args.dataset_dir, args.output_dir or tmp, args.max_cases, "cpu", args.checkpoint),
-                     **parse_overrides(args.override)}
-        workflow = build_workflow(args.bundle, ["train.json", "calibrate.json"], "infer", **overrides)
-        workflow.initialize()
-        network = load_weights(workflow.parser.get_parsed_content("network"), args.checkpoint).eval()
-        loss_terms = workflow.parser.get_parsed_content("loss_terms")
-        losses = adversarial_losses(network, loss_terms, workflow.parser.get_parsed_content("dataloader"), eps,
-                                    args.steps, torch.device("cpu"))
-
-    n = len(next(iter(losses.values())))
-    print(f"{n} training samples of {args.dataset_dir}; ξ_k = mean_k + z·std_k from {args.xi}\n")
-    print("| ε | z | ξ | all terms below ξ (expand) | " + " | ".join(f"{t} below" for t in names) + " |")
-    print("|---|---|---|---|" + "---|" * len(names))
-    for z in zs:
-        xi = torch.tensor([t["location"] + z * t["scale"] for t in stats])
-        for e in eps:
-            below = losses[e] < xi
-            per_term = " | ".join(f"{below[:, k].float().mean():.1%}" for k in range(len(names)))
-            xi_text = ", ".join(f"{v:.4f}" for v in xi.tolist())
-            print(f"| {e:g} | {z:g} | {xi_text} | {below.all(dim=1).float().mean():.1%} | {per_term} |")
+    history_path = Path(args.history)
+    if not history_path.is_file():
+        raise SystemExit(f"--history: no such file {history_path}")
+    history = json.loads(history_path.read_text())
+    kinds = None
+    if args.bundle and args.dataset_dir:
+        kinds = sample_kinds(args.bundle, args.dataset_dir, history_path.parent / "split.json", args.override)
+    settings = history["settings"]
+    print(f"{len(history['samples']['ids'])} samples; {json.dumps(settings)}\n")
+    print("\n".join(epoch_table(history, kinds)))
+    outcomes = [o for o in history["samples"]["last_outcome"] if o]
+    print("\nlast visit: " + ", ".join(f"{k} {outcomes.count(k) / len(outcomes):.1%}" for k in ("grown", "shrunk", "frozen")))
     return 0
 
 

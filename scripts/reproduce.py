@@ -192,124 +192,6 @@ def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | 
     return {"reports": reports, "stages": stages.done, "xi": json.loads(Path(xi_file).read_text())}
 
 
-#: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm
-#: fine-tuned from the same STD model with the same budget (epochs, attack steps, learning rate); arms and ξ levels
-#: chosen on the validation split, every model evaluated once on test.
-MARGIN_STUDY: dict[str, dict[str, Any]] = {
-    "hippocampus": {
-        "vat_eps": [5.0, 10.0, 15.0, 20.0],
-        # Δ·epochs = 25, the span of VAT's ε, so that a margin can reach the VAT range in the 5-epoch fine-tune
-        "amat": {"delta": 5.0, "amat_eps_max": 25.0, "amat_condition": "metric"},
-        "arms": {
-            "A": {"amat_growth": "additive", "amat_shrink": "halfway"},  # the paper's rule
-            "B": {"amat_growth": "additive", "amat_shrink": "none"},  # what the authors' nnU-Net code does
-            "C": {"amat_growth": "geometric", "amat_growth_factor": 1.6, "amat_shrink": "none"},
-        },
-        # ξ: the STD model's mean training score (default), then two lower Dice thresholds (more samples grow)
-        "levels": [{"xi_metric_quantile": 0.25}, {"xi_metric_quantile": 0.10}],
-        "validate": ["test#dataset#section=\"validation\""],
-        "foreground": ["robust_slices=\"foreground\""],
-        "spot_check": {"steps": [100, 10], "max_cases": 8},
-    },
-}
-
-
-def _evaluate_stage(stages: "Stages", label: str, bundle: Path, dataset: Path, model: str, eval_dir: Path,
-                    eps: list[float], steps: list[int], overrides: list[str], device: str | None,
-                    max_cases: int | None = None) -> dict[str, Any]:
-    """One ``amat-monai evaluate`` run as a resumable stage; returns its report."""
-    argv = ["evaluate", "--bundle", str(bundle), "--dataset-dir", str(dataset), "--checkpoint", model,
-            "--output-dir", str(eval_dir), "--attacks", "pgd,ifgsm", "--eps", ",".join(f"{e:g}" for e in eps),
-            "--steps", ",".join(str(s) for s in steps)]
-    argv += ["--max-cases", str(max_cases)] if max_cases else []
-    argv += ["--device", device] if device else []
-    for item in overrides:
-        argv += ["--override", item]
-
-    def evaluate() -> str:
-        if cli_main(argv) != 0:
-            raise RuntimeError(f"{label} failed (amat-monai {' '.join(argv)})")
-        return str(eval_dir / "robustness.json")
-
-    return load_report(stages.run(label, str(eval_dir / "robustness.json"), evaluate))
-
-
-def _robust_score(report: dict[str, Any]) -> float:
-    """PGD avg + IFGSM avg, signed so that higher is better."""
-    sign = 1.0 if report["higher_is_better"] else -1.0
-    return sign * (report["averages"]["pgd"] + report["averages"]["ifgsm"])
-
-
-def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
-    """The stages of the margin study for one task (resumable); returns the reports by split and model."""
-    spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], MARGIN_STUDY[task]
-    bundle = ROOT / "bundles" / spec["bundle"]
-    dataset = data_dir / spec["data"]
-    if not dataset.is_dir():
-        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
-    work = out / f"{task}-margins"
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work / "stages.json")
-    ev = settings["evaluate"]
-
-    def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
-        run_dir = work / "runs" / name
-        resume = latest_checkpoint(run_dir / "models") is not None
-        kwargs = {**settings["common"], "device": device, "resume": resume}
-        if method == "std":
-            kwargs.update(settings["std"])
-        else:
-            kwargs.update({**settings["adversarial"], **extra})
-            if not resume:
-                kwargs["init_checkpoint"] = models["STD"]
-        return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"),
-                          lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"])
-
-    def calibrate_stage(label: str, level: dict[str, Any]) -> str:
-        out_dir = work / "xi" / label
-        return stages.run(f"calibrate {label}", str(out_dir / "xi.json"), lambda: calibrate(
-            bundle, dataset, out_dir, models["STD"], device=device, split_file=str(work / "runs" / "STD" / "split.json"),
-            delta=study["amat"]["delta"], **settings["common"], **level))
-
-    def validate(name: str) -> dict[str, Any]:
-        return _evaluate_stage(stages, f"validate {name}", bundle, dataset, models[name], work / "val" / name,
-                               spec["eps"], ev["steps"], [*ev.get("override", []), *study["validate"]], device)
-
-    models: dict[str, str] = {"STD": train_stage("STD", "std", {})}
-    xi = {"mean": calibrate_stage("mean", {})}
-    for eps in study["vat_eps"]:
-        models[f"VAT{eps:g}"] = train_stage(f"VAT{eps:g}", "vat", {"eps": eps})
-    for arm, rule in study["arms"].items():
-        models[f"AMAT-{arm}"] = train_stage(f"AMAT-{arm}", "amat", {**study["amat"], **rule, "xi_file": xi["mean"]})
-    val = {name: validate(name) for name in list(models)}
-    best_arm = max(study["arms"], key=lambda a: _robust_score(val[f"AMAT-{a}"]))
-    for level in study["levels"]:
-        label = "-".join(f"{k.removeprefix('xi_metric_')}{v:g}" for k, v in level.items())
-        xi[label] = calibrate_stage(label, level)
-        name = f"AMAT-{best_arm}-{label}"
-        models[name] = train_stage(name, "amat", {**study["amat"], **study["arms"][best_arm], "xi_file": xi[label]})
-        val[name] = validate(name)
-    test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
-                                  ev["steps"], ev.get("override", []), device)
-            for name, path in models.items()}
-    amat_names = [n for n in models if n.startswith("AMAT")]
-    vat_names = [n for n in models if n.startswith("VAT")]
-    best_amat = max(amat_names, key=lambda n: _robust_score(val[n]))  # chosen on validation
-    best_vat = max(vat_names, key=lambda n: _robust_score(val[n]))
-    extra: dict[str, dict[str, Any]] = {"foreground": {}, "spot_check": {}}
-    for name in ("STD", best_vat, best_amat):
-        extra["foreground"][name] = _evaluate_stage(
-            stages, f"test-foreground {name}", bundle, dataset, models[name], work / "test-foreground" / name,
-            spec["eps"], ev["steps"], [*ev.get("override", []), *study["foreground"]], device)
-    for name in (best_vat, best_amat):
-        sc = study["spot_check"]
-        extra["spot_check"][name] = _evaluate_stage(
-            stages, f"spot-check {name}", bundle, dataset, models[name], work / "spot-check" / name, spec["eps"],
-            sc["steps"], ev.get("override", []), device, max_cases=sc["max_cases"])
-    return {"val": val, "test": test, "best_arm": best_arm, "best_amat": best_amat, "best_vat": best_vat,
-            "stages": stages.done, "extra": extra, "work": str(work)}
-
-
 def _best(reports: dict[str, dict[str, Any]], prefix: str) -> str:
     """The run named ``prefix...`` with the best PGD + IFGSM averages."""
     sign = 1.0 if reports["STD"]["higher_is_better"] else -1.0
@@ -374,11 +256,18 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
         if notes.is_file():
             section += "\n" + notes.read_text().strip() + "\n"
         atomic_write_text(results_dir / task / "RESULTS.md", section)
-    sections = [(results_dir / t / "RESULTS.md").read_text() for t in TASKS if (results_dir / t / "RESULTS.md").is_file()]
+    rebuild_results(path, results_dir)
+
+
+def rebuild_results(path: Path, results_dir: Path) -> None:
+    """``path`` from every task's sections in ``results_dir``: the margin study (``MARGINS.md``) first where it
+    exists, then the baseline comparison (``RESULTS.md``)."""
+    sections = [(results_dir / t / name).read_text() for t in TASKS for name in ("MARGINS.md", "RESULTS.md")
+                if (results_dir / t / name).is_file()]
     header = [
         "# Results on real data", "",
         "Each section was written by the command it names (`scripts/reproduce.py`); machine-readable numbers are in",
-        "`docs/results/<task>/<method>/robustness.json`.", "",
+        "`docs/results/<task>/`.", "",
     ]
     atomic_write_text(path, "\n".join(header + sections))
 
@@ -394,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(ROOT / "reproduce_runs"), help="runs (resumable)")
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the markdown to write")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--report-only", action="store_true",
+                        help="with --experiment margins: write the report from the stages already on disk")
     parser.add_argument("--ship", action="store_true",
                         help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
                              "models/baselines/")
@@ -402,10 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
     if args.experiment == "margins":
+        from margin_study import MARGIN_STUDY, run_margin_study, write_margin_report
+
+        results_md = Path(args.results).resolve()
         for task in tasks:
             if task not in MARGIN_STUDY:
                 raise SystemExit(f"the margin study is not defined for {task} yet (MARGIN_STUDY)")
-            run_margin_study(task, args.protocol, Path(args.data_dir), out, args.device)
+            if not args.report_only:
+                run_margin_study(task, args.protocol, Path(args.data_dir), out, args.device)
+            write_margin_report(task, args.protocol, out / f"{task}-margins", results_md.parent / "results")
+        rebuild_results(results_md, results_md.parent / "results")
+        print(f"[reproduce] wrote {results_md}")
         return 0
     results = {}
     for task in tasks:

@@ -16,7 +16,8 @@ from amat_monai.workflows import build_workflow, calibrate, evaluate, run_workfl
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ceph_landmarks"
 # a tiny network on a small grid keeps every run to a second or two on 2 CPU cores
-TINY = {"image_size": [48, 40], "radius": 3.0, "features": [4, 4, 8, 8, 16, 4], "batch_size": 2, "validate_max_cases": 2}
+TINY = {"image_size": [48, 40], "radius": 3.0, "features": [4, 4, 8, 8, 16, 4], "batch_size": 2, "validate_max_cases": 2,
+        "validate_split": "test1", "test_split": "test1"}  # the synthetic test1 is too small to split
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,10 @@ def test_synthetic_data_has_the_real_layout(synthetic):
         "README.md", "images", "landmarks_junior.csv", "landmarks_senior.csv", "meta.json", "test1.txt", "train.txt",
     ]
     assert read_split(synthetic, "train") == ["001", "002", "003", "004"]
+    assert read_split(synthetic, "train[:1]") == ["001"] and read_split(synthetic, "train[1:]") == ["002", "003", "004"]
+    assert read_split(synthetic, "train[-2:]") == ["003", "004"]
+    with pytest.raises(ValueError, match=r"train\[9:\]"):
+        read_split(synthetic, "train[9:]")
     items = ceph_datalist(synthetic, "test1")
     assert [i["sample_id"] for i in items] == ["005", "006"]
     senior, junior = (read_landmarks_csv(synthetic / f"landmarks_{a}.csv")["005"] for a in ("senior", "junior"))
@@ -134,6 +139,8 @@ def test_real_images_smoke(amat_data_dir, tmp_path):
     items = ceph_datalist(data, "train", max_cases=3)
     assert [i["sample_id"] for i in items] == ["001", "002", "003"]
     assert len(read_split(data, "test1")) == 150
+    val, test = read_split(data, "test1[:50]"), read_split(data, "test1[50:]")  # the bundle's splits
+    assert len(val) == 50 and len(test) == 100 and not set(val) & set(test)
     wf = build_workflow(
         BUNDLE, ["train.json"], "train", dataset_dir=str(data), output_dir=str(tmp_path / "std"), max_cases=2,
         epochs=1, val_interval=1, validate_max_cases=2, features=[4, 4, 8, 8, 16, 4], batch_size=2,

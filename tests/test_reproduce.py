@@ -56,3 +56,26 @@ def test_reproduce_smoke_protocol_resumes_and_ships(tmp_path):
     assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
     assert (models / "baselines" / "std.pt").is_file() and len(list((models / "baselines").glob("vat*.pt"))) == 1
     assert json.loads((models / "xi.json").read_text())["terms"][0]["name"] == "dice"
+
+
+def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
+    make_synthetic_decathlon(tmp_path / "data" / "Task04_Hippocampus", num_cases=10, seed=1)
+    _run(tmp_path, "--experiment", "margins")
+    work = tmp_path / "runs" / "hippocampus-margins"
+    stages = json.loads((work / "stages.json").read_text())
+    trained = [k.removeprefix("train ") for k in stages if k.startswith("train ")]
+    assert trained[:6] == ["STD", "VAT5", "VAT10", "AMAT-A", "AMAT-B", "AMAT-C"] and len(trained) == 7
+    assert {f"validate {m}" for m in trained} | {f"test {m}" for m in trained} <= set(stages)
+    study = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "margins" / "study.json").read_text())
+    assert study["best_amat_on_validation"] in trained and study["best_vat_on_test"] in ("VAT5", "VAT10")
+    xi = json.loads((work / "xi" / "mean" / "xi.json").read_text())
+    assert xi["metric"]["name"] == "dice_present" and xi["feasibility"]["eps"] == [0.0, 5.0]
+    for name, c in study["comparisons"].items():
+        assert c["pgd"]["low"] <= c["pgd"]["estimate"] <= c["pgd"]["high"], name
+    history = json.loads((work / "runs" / study["best_amat_on_validation"] / "margins.json").read_text())
+    assert len(history["epochs"]) == 1 and sum(history["epochs"][0]["outcomes"].values()) == len(history["samples"]["ids"])
+    results = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "AMAT margin study" in results and "The paper's claim for" in results
+    assert (tmp_path / "docs" / "results" / "hippocampus" / "margins" / "pareto.png").is_file()
+    again = _run(tmp_path, "--experiment", "margins")
+    assert "running" not in again

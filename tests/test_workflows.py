@@ -91,3 +91,9 @@ def test_real_hippocampus_std_and_amat_one_epoch(tmp_path, hippocampus_dir):
     state = torch.load(Path(amat["ckpt_dir"]) / "checkpoint_epoch=1.pt", weights_only=False)
     ids = state["adversarial"]["margins"]["ids"]
     assert len(ids) == terms[0]["n"] and all(i.startswith("hippocampus_") for i in ids)
+
+
+def test_cli_choices_are_the_library_constants():
+    from amat_monai import calibration, cli, conditions
+
+    assert cli.ESTIMATORS == calibration.ESTIMATORS and cli.CONDITIONS == conditions.CONDITIONS

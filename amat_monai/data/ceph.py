@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,17 +72,29 @@ def read_landmarks_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+_SLICE = re.compile(r"^(?P<name>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
 def read_split(root: str | os.PathLike, split: str | Sequence[str], split_file: str | os.PathLike | None = None) -> list[str]:
     """Image ids of a split.
 
     Args:
         root: the data folder.
         split: a split name (``"train"``, ``"test1"``: read from ``root/<name>.txt`` or from ``split_file``), the
-            path of a text file with one id per line, or a list of ids.
+            path of a text file with one id per line, or a list of ids. A name may end with a Python slice of
+            the list, ``"test1[:50]"`` / ``"test1[50:]"``: the bundle validates on the first 50 images of the
+            challenge's test1 set and tests on the other 100, so that no model is chosen on its test images.
         split_file: optional JSON file ``{"train": [ids], "test1": [ids], ...}`` overriding the text files.
     """
     if not isinstance(split, str):
         return [str(i) for i in split]
+    sliced = _SLICE.match(split)
+    if sliced:
+        start, stop = (int(v) if v else None for v in (sliced["start"], sliced["stop"]))
+        ids = read_split(root, sliced["name"], split_file)[start:stop]
+        if not ids:
+            raise ValueError(f"split {split!r} selects no image of {sliced['name']!r}")
+        return ids
     if split_file:
         path = Path(split_file)
         if not path.is_file():

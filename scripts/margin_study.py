@@ -1,0 +1,430 @@
+"""The AMAT margin study (``scripts/reproduce.py --experiment margins``): does AMAT beat a well-tuned VAT?
+
+    python scripts/reproduce.py --experiment margins --protocol cpu --task hippocampus
+    python scripts/reproduce.py --experiment margins --protocol cpu --task hippocampus --report-only
+
+Every arm fine-tunes the same STD model with the same budget (epochs, attack steps, learning rate): VAT at several
+ε (its clean-vs-robust curve), AMAT with three margin rules (A: +Δ and halfway to the boundary, the paper's; B: +Δ
+and no shrink, what the authors' nnU-Net code does in effect; C: geometric growth and no shrink), then the best
+rule (on the validation split) at two more threshold levels, so that AMAT has a curve of its own. Arms and levels
+are chosen on validation; every model is evaluated once on test. The report (``docs/results/<task>/MARGINS.md``,
+``study.json``, ``pareto.png``, ``margins.png``) gives paired-bootstrap intervals over test cases
+(:mod:`amat_monai.comparison`), the fair-chance check of the chosen arm's margins, and the paper's claim as holds /
+does not hold.
+
+Stages are resumable (``<output-dir>/<task>-margins/stages.json``): a finished stage is skipped, an interrupted
+training continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from amat_monai.calibration import atomic_write_text  # noqa: E402
+from amat_monai.cli import main as cli_main  # noqa: E402
+from amat_monai.comparison import paired_bootstrap, read_case_scores  # noqa: E402
+from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
+from amat_monai.workflows import calibrate, latest_checkpoint, train  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, Stages  # noqa: E402
+
+#: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm
+#: fine-tuned from the same STD model with the same budget (epochs, attack steps, learning rate); arms and ξ levels
+#: chosen on the validation split, every model evaluated once on test.
+MARGIN_STUDY: dict[str, dict[str, Any]] = {
+    "hippocampus": {
+        "vat_eps": [5.0, 10.0, 15.0, 20.0],
+        # Δ·epochs = 25, the span of VAT's ε, so that a margin can reach the VAT range in the 5-epoch fine-tune
+        "amat": {"delta": 5.0, "amat_eps_max": 25.0, "amat_condition": "metric"},
+        "arms": {
+            "A": {"amat_growth": "additive", "amat_shrink": "halfway"},  # the paper's rule
+            "B": {"amat_growth": "additive", "amat_shrink": "none"},  # what the authors' nnU-Net code does
+            "C": {"amat_growth": "geometric", "amat_growth_factor": 1.6, "amat_shrink": "none"},
+        },
+        # ξ: the STD model's mean training score (default), then two lower Dice thresholds (more samples grow)
+        "levels": [{"xi_metric_quantile": 0.25}, {"xi_metric_quantile": 0.10}],
+        "validate": ["test#dataset#section=\"validation\""],
+        "foreground": ["robust_slices=\"foreground\""],
+        "spot_check": {"steps": [100, 10], "max_cases": 8},
+    },
+    "ceph": {
+        "vat_eps": [1.0, 2.0, 3.0, 5.0],
+        # Δ·epochs = 5, VAT's largest ε, within the 4-epoch fine-tune; the total loss against one ξ (the authors'
+        # landmark code; ξ = mean + z·std of the STD model's training losses, z = 2 in train.json)
+        "amat": {"delta": 1.25, "amat_eps_max": 6.0, "amat_condition": "total"},
+        "arms": {
+            "A": {"amat_growth": "additive", "amat_shrink": "halfway"},
+            "B": {"amat_growth": "additive", "amat_shrink": "none"},
+            "C": {"amat_growth": "geometric", "amat_growth_factor": 1.6, "amat_shrink": "none"},
+        },
+        "levels": [{"xi_z": 1.0}, {"xi_z": 3.0}],
+        # validation: the first 50 test1 images; test: the other 100 (the bundle's splits), all of them
+        "validate": ["test_split=\"test1[:50]\""],
+        "max_cases": {"validate": 50, "test": 100},
+        "spot_check": {"steps": [100, 10], "max_cases": 25},
+    },
+}
+
+
+#: the smoke protocol's study (tests): fewer arms, the same code path
+SMOKE_STUDY: dict[str, Any] = {"vat_eps": [5.0, 10.0], "levels": [{"xi_metric_quantile": 0.25}],
+                               "spot_check": {"steps": [2, 2], "max_cases": 8}}
+
+
+def study_settings(task: str, protocol: str) -> dict[str, Any]:
+    """The study of ``task`` under ``protocol`` (the smoke protocol trims it)."""
+    return {**MARGIN_STUDY[task], **(SMOKE_STUDY if protocol == "smoke" else {})}
+
+
+def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, model: str, eval_dir: Path,
+                    eps: list[float], steps: list[int], overrides: list[str], device: str | None,
+                    max_cases: int | None = None) -> dict[str, Any]:
+    """One ``amat-monai evaluate`` run as a resumable stage; returns its report."""
+    argv = ["evaluate", "--bundle", str(bundle), "--dataset-dir", str(dataset), "--checkpoint", model,
+            "--output-dir", str(eval_dir), "--attacks", "pgd,ifgsm", "--eps", ",".join(f"{e:g}" for e in eps),
+            "--steps", ",".join(str(s) for s in steps)]
+    argv += ["--max-cases", str(max_cases)] if max_cases else []
+    argv += ["--device", device] if device else []
+    for item in overrides:
+        argv += ["--override", item]
+
+    def evaluate() -> str:
+        if cli_main(argv) != 0:
+            raise RuntimeError(f"{label} failed (amat-monai {' '.join(argv)})")
+        return str(eval_dir / "robustness.json")
+
+    return load_report(stages.run(label, str(eval_dir / "robustness.json"), evaluate))
+
+
+def _robust_score(report: dict[str, Any]) -> float:
+    """PGD avg + IFGSM avg, signed so that higher is better."""
+    sign = 1.0 if report["higher_is_better"] else -1.0
+    return sign * (report["averages"]["pgd"] + report["averages"]["ifgsm"])
+
+
+def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
+    """The stages of the margin study for one task (resumable); returns the reports by split and model."""
+    spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], study_settings(task, protocol)
+    bundle = ROOT / "bundles" / spec["bundle"]
+    dataset = data_dir / spec["data"]
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
+    work = out / f"{task}-margins"
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work / "stages.json")
+    ev = settings["evaluate"]
+
+    def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
+        run_dir = work / "runs" / name
+        resume = latest_checkpoint(run_dir / "models") is not None
+        kwargs = {**settings["common"], "device": device, "resume": resume}
+        if method == "std":
+            kwargs.update(settings["std"])
+        else:
+            kwargs.update({**settings["adversarial"], **extra})
+            if not resume:
+                kwargs["init_checkpoint"] = models["STD"]
+        return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"),
+                          lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"])
+
+    def calibrate_stage(label: str, level: dict[str, Any]) -> str:
+        out_dir = work / "xi" / label
+        # the feasibility report attacks with the training attack's steps
+        steps = settings["adversarial"].get("attack_steps")
+        return stages.run(f"calibrate {label}", str(out_dir / "xi.json"), lambda: calibrate(
+            bundle, dataset, out_dir, models["STD"], device=device, split_file=str(work / "runs" / "STD" / "split.json"),
+            delta=study["amat"]["delta"], **({"attack_steps": steps} if steps else {}), **settings["common"], **level))
+
+    max_cases = {split: study.get("max_cases", {}).get(split, ev.get("max_cases")) for split in ("validate", "test")}
+
+    def validate(name: str) -> dict[str, Any]:
+        return _evaluate_stage(stages, f"validate {name}", bundle, dataset, models[name], work / "val" / name,
+                               spec["eps"], ev["steps"], [*ev.get("override", []), *study["validate"]], device,
+                               max_cases=max_cases["validate"])
+
+    models: dict[str, str] = {"STD": train_stage("STD", "std", {})}
+    xi = {"mean": calibrate_stage("mean", {})}
+    for eps in study["vat_eps"]:
+        models[f"VAT{eps:g}"] = train_stage(f"VAT{eps:g}", "vat", {"eps": eps})
+    for arm, rule in study["arms"].items():
+        models[f"AMAT-{arm}"] = train_stage(f"AMAT-{arm}", "amat", {**study["amat"], **rule, "xi_file": xi["mean"]})
+    val = {name: validate(name) for name in list(models)}
+    best_arm = max(study["arms"], key=lambda a: _robust_score(val[f"AMAT-{a}"]))
+    for level in study["levels"]:
+        label = "-".join(f"{k.removeprefix('xi_').removeprefix('metric_')}{v:g}" for k, v in level.items())
+        xi[label] = calibrate_stage(label, level)
+        name = f"AMAT-{best_arm}-{label}"
+        models[name] = train_stage(name, "amat", {**study["amat"], **study["arms"][best_arm], "xi_file": xi[label]})
+        val[name] = validate(name)
+    test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
+                                  ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"])
+            for name, path in models.items()}
+    amat_names = [n for n in models if n.startswith("AMAT")]
+    vat_names = [n for n in models if n.startswith("VAT")]
+    best_amat = max(amat_names, key=lambda n: _robust_score(val[n]))  # chosen on validation
+    best_vat = max(vat_names, key=lambda n: _robust_score(val[n]))
+    extra: dict[str, dict[str, Any]] = {"foreground": {}, "spot_check": {}}
+    for name in ("STD", best_vat, best_amat) if "foreground" in study else ():
+        extra["foreground"][name] = _evaluate_stage(
+            stages, f"test-foreground {name}", bundle, dataset, models[name], work / "test-foreground" / name,
+            spec["eps"], ev["steps"], [*ev.get("override", []), *study["foreground"]], device)
+    for name in (best_vat, best_amat):
+        sc = study["spot_check"]
+        extra["spot_check"][name] = _evaluate_stage(
+            stages, f"spot-check {name}", bundle, dataset, models[name], work / "spot-check" / name, spec["eps"],
+            sc["steps"], ev.get("override", []), device, max_cases=sc["max_cases"])
+    return {"val": val, "test": test, "best_arm": best_arm, "best_amat": best_amat, "best_vat": best_vat,
+            "stages": stages.done, "extra": extra, "work": str(work)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------
+def _model_order(work: Path) -> list[str]:
+    """Model names in the order their training stages were first run."""
+    stages = json.loads((work / "stages.json").read_text()) if (work / "stages.json").is_file() else {}
+    return [k.removeprefix("train ") for k in stages if k.startswith("train ")]
+
+
+def _reports(folder: Path, order: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: load_report(folder / n / "robustness.json") for n in order if (folder / n / "robustness.json").is_file()}
+
+
+def _on_metric(report: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A copy of ``report`` whose primary values are those of another column (e.g. ``dice_fg``)."""
+    out = json.loads(json.dumps(report))
+    out["clean"] = report["clean_metrics"][metric]
+    for row in out["results"]:
+        row["value"] = row["metrics"][metric]
+    for attack in out["averages"]:
+        vals = [r["value"] for r in out["results"] if r["attack"] == attack and r["eps"] > 0 and r["value"] is not None]
+        out["averages"][attack] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _fmt(d: dict[str, float], digits: int) -> str:
+    return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+
+
+def _fair_chance(history: dict[str, Any], eps: float) -> dict[str, Any]:
+    """The chosen arm's margins against the best VAT's ε: time-averaged training radius and the floor."""
+    samples = history["samples"]
+    radius = np.asarray(samples["mean_training_radius"], dtype=float)
+    final = np.asarray(samples["margins_per_epoch"][-1], dtype=float)
+    outcome = np.asarray([o or "" for o in samples["last_outcome"]])
+    floor = history["settings"]["floor"]
+    at_floor = (final <= floor + 1e-6) & (outcome != "frozen")
+    share_reaching = float(np.nanmean(radius >= eps - 1e-6))
+    return {"best_vat_eps": eps, "share_radius_reaching_best_vat_eps": share_reaching,
+            "share_at_floor_not_frozen": float(at_floor.mean()), "share_frozen_last_visit": float((outcome == "frozen").mean()),
+            "median_mean_training_radius": float(np.nanmedian(radius)),
+            "passes": bool(share_reaching >= 0.5 and at_floor.mean() <= 0.10)}
+
+
+def _plots(out: Path, test: dict[str, dict[str, Any]], order: list[str], history: dict[str, Any] | None,
+           best_amat: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    try:
+        curve = [n for n in order if n in test and (n == "STD" or n.startswith("VAT"))]
+        ax.plot([test[n]["clean"] for n in curve], [test[n]["averages"]["pgd"] for n in curve], "-o", label="STD → VAT_ε")
+        arms = [n for n in order if n in test and n.startswith("AMAT")]
+        if best_amat:
+            arm = best_amat.split("-")[1]
+            own = sorted((n for n in arms if n.split("-")[1] == arm), key=lambda n: test[n]["clean"])
+            ax.plot([test[n]["clean"] for n in own], [test[n]["averages"]["pgd"] for n in own], "-s",
+                    label=f"AMAT-{arm} at three ξ levels")
+        for n in curve + arms:
+            ax.annotate(n, (test[n]["clean"], test[n]["averages"]["pgd"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.scatter([test[n]["clean"] for n in arms], [test[n]["averages"]["pgd"] for n in arms], marker="x",
+                   color="k", label="AMAT arms", zorder=3)
+        metric = next(iter(test.values()))["metric"]
+        ax.set_xlabel(f"clean {metric}")
+        ax.set_ylabel(f"PGD average {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, out / "pareto.png")
+    finally:
+        plt.close(fig)
+    if history is None:
+        return
+    epochs = history["samples"]["margins_per_epoch"]
+    fig, axes = plt.subplots(1, len(epochs), figsize=(2.4 * len(epochs), 2.6), sharey=True, squeeze=False)
+    try:
+        top = max(max(e) for e in epochs)
+        for i, (ax, values) in enumerate(zip(axes[0], epochs)):
+            ax.hist(values, bins=30, range=(0, top))
+            ax.set_title(f"after epoch {i + 1}", fontsize=8)
+            ax.set_xlabel("margin", fontsize=8)
+        axes[0][0].set_ylabel("samples", fontsize=8)
+        fig.suptitle(f"{best_amat}: margins per epoch", fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, out / "margins.png")
+    finally:
+        plt.close(fig)
+
+
+def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path, resamples: int = 1000) -> None:
+    """``results_dir/<task>/MARGINS.md``, ``study.json`` and the plots, from whatever stages are on disk."""
+    spec, study = TASKS[task], study_settings(task, protocol)
+    order = _model_order(work)
+    val, test = _reports(work / "val", order), _reports(work / "test", order)
+    out = results_dir / task / "margins"
+    if out.is_dir():
+        shutil.rmtree(out)
+    for split in ("val", "test", "test-foreground", "spot-check"):
+        for name, report in _reports(work / split, order).items():
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / split / name / "robustness.json", json.dumps(report, indent=2))
+    higher = next(iter(val.values()))["higher_is_better"] if val else True
+    sign = 1.0 if higher else -1.0
+    digits = 4 if higher else 2
+
+    def score(r: dict[str, Any]) -> float:
+        return sign * (r["averages"]["pgd"] + r["averages"]["ifgsm"])
+
+    amat_val = [n for n in val if n.startswith("AMAT")]
+    vat_val = [n for n in val if n.startswith("VAT")]
+    best_amat = max(amat_val, key=lambda n: score(val[n])) if amat_val else None
+    arms = [n for n in amat_val if n.count("-") == 1]
+    best_arm = max(arms, key=lambda n: score(val[n])) if arms else None
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} thread(s)")
+    lines = [f"## AMAT margin study: {spec['title']}", "",
+             f"`python scripts/reproduce.py --experiment margins --protocol {protocol} --task {task}` on {machine}. "
+             f"Settings: protocol `{protocol}` ({json.dumps(PROTOCOLS[protocol][task]['adversarial'])} for every "
+             f"adversarial arm, fine-tuned from STD); study {json.dumps(study)}.", ""]
+    study_json: dict[str, Any] = {"task": task, "protocol": protocol, "study": study, "best_arm_on_validation": best_arm,
+                                  "best_amat_on_validation": best_amat}
+
+    lines += ["### ξ and the feasibility of each condition on the STD model", "",
+              "Share of the training samples that pass each condition on the STD model, clean (ε = 0) and under the "
+              "PGD attack (L2, random start, the number of steps given) at AMAT's first margin Δ.", "",
+              "| ξ level | terms ξ | total ξ | metric ξ | PGD steps | passing at ε (terms / total / metric) |",
+              "|---|---|---|---|---|---|"]
+    for xi_file in sorted((work / "xi").glob("*/xi.json")):
+        xi = json.loads(xi_file.read_text())
+        f = xi.get("feasibility") or {}
+        shares = " ; ".join(f"ε={e:g}: " + " / ".join(f"{f[k][i]:.1%}" for k in ("terms", "total", "metric") if k in f)
+                            for i, e in enumerate(f.get("eps", [])))
+        metric = xi.get("metric") or {}
+        lines.append(f"| {xi_file.parent.name} | {', '.join(f'{v:.4f}' for v in xi['xi'])} | {xi['total']['xi']:.4f} | "
+                     f"{metric.get('xi', float('nan')):.4f} ({metric.get('name', '')}) | {f.get('attack_steps', '')} | "
+                     f"{shares} |")
+        study_json.setdefault("xi", {})[xi_file.parent.name] = {k: xi.get(k) for k in ("xi", "total", "metric", "feasibility")}
+    lines.append("")
+
+    if val:
+        lines += ["### Validation split (choices are made here)", "", paper_table(list(val.values()), list(val)).markdown,
+                  f"Best rule on validation: **{best_arm}**; best AMAT model: **{best_amat}** "
+                  f"(highest PGD avg + IFGSM avg).", ""]
+    if test:
+        lines += ["### Test split (evaluated once)", "", paper_table(list(test.values()), list(test)).markdown]
+    vat_test = [n for n in test if n.startswith("VAT")]
+    if best_amat in test and vat_test and "STD" in test:
+        best_vat = max(vat_test, key=lambda n: score(test[n]))  # the strongest comparator, on test itself
+        metric, case_key = ("dice", "case") if task == "hippocampus" else (test["STD"]["metric"], "sample_id")
+        scores = {n: read_case_scores(work / "test" / n / "robustness.csv", metric, case_key, higher) for n in test}
+        curve = ["STD", *vat_test]
+        comparisons = {n: paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
+                       for n in test if n.startswith("AMAT")}
+        n_cases = len(scores["STD"].cases)
+        lines += [f"### AMAT against the best VAT ({best_vat}, the best on test) and against VAT's curve", "",
+                  f"Paired bootstrap over the {n_cases} test cases ({resamples} resamples), 95 % intervals; "
+                  "positive means AMAT is better. The curve is STD → VAT_ε (piecewise linear in clean "
+                  f"{metric}); its gap is AMAT's robustness minus the curve's at AMAT's clean value (blank: AMAT's "
+                  "clean value lies outside the curve).", "",
+                  "| model | clean − best VAT | PGD avg − best VAT | IFGSM avg − best VAT | PGD avg − curve | IFGSM avg − curve |",
+                  "|---|---|---|---|---|---|"]
+        for n, c in comparisons.items():
+            cells = [_fmt(c[k], digits) if np.isfinite(c[k]["estimate"]) else "" for k in
+                     ("clean", "pgd", "ifgsm", "curve_pgd", "curve_ifgsm")]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        c = comparisons[best_amat]
+        tol = 0.02 if higher else 0.3
+        clean_gap = test[best_amat]["clean"] - test["STD"]["clean"]
+        claims = {
+            "pgd_above_best_vat": c["pgd"]["low"] > 0,
+            "ifgsm_above_best_vat": c["ifgsm"]["low"] > 0,
+            "clean_within_tolerance_of_std": sign * clean_gap >= -tol,
+        }
+        holds = all(claims.values())
+        lines += ["", f"**The paper's claim for {best_amat}** (PGD and IFGSM averages above the best VAT's with the "
+                  f"interval excluding 0, clean within {tol:g} of STD): **{'holds' if holds else 'does not hold'}**.",
+                  f"- PGD avg {test[best_amat]['averages']['pgd']:.{digits}f} vs {best_vat} "
+                  f"{test[best_vat]['averages']['pgd']:.{digits}f}: difference {_fmt(c['pgd'], digits)}",
+                  f"- IFGSM avg {test[best_amat]['averages']['ifgsm']:.{digits}f} vs {best_vat} "
+                  f"{test[best_vat]['averages']['ifgsm']:.{digits}f}: difference {_fmt(c['ifgsm'], digits)}",
+                  f"- clean {test[best_amat]['clean']:.{digits}f} vs STD {test['STD']['clean']:.{digits}f} "
+                  f"(difference {clean_gap:+.{digits}f})"]
+        if not holds:
+            gap = c["curve_pgd"]
+            where = ("above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on") if np.isfinite(gap["estimate"]) else "outside the clean range of"
+            lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it "
+                         f"(PGD avg gap {_fmt(gap, digits) if np.isfinite(gap['estimate']) else 'n/a'}).")
+        lines.append("")
+        study_json.update({"best_vat_on_test": best_vat, "comparisons": comparisons, "claims": claims,
+                           "claim_holds": holds, "n_test_cases": n_cases})
+
+    history = None
+    if best_amat and (work / "runs" / best_amat / "margins.json").is_file():
+        history = json.loads((work / "runs" / best_amat / "margins.json").read_text())
+        best_vat = study_json.get("best_vat_on_test") or (max(vat_val, key=lambda n: score(val[n])) if vat_val else None)
+        eps = float(best_vat.removeprefix("VAT")) if best_vat else 0.0
+        fair = _fair_chance(history, eps)
+        study_json["fair_chance"] = fair
+        lines += [f"### Did {best_amat}'s margins get a fair chance?", "",
+                  f"- time-averaged training radius ≥ the best VAT's ε = {eps:g} for "
+                  f"{fair['share_radius_reaching_best_vat_eps']:.1%} of samples (needed: ≥ 50 %); median "
+                  f"{fair['median_mean_training_radius']:.2f}",
+                  f"- at the floor without being a clean failure: {fair['share_at_floor_not_frozen']:.1%} (needed: "
+                  f"≤ 10 %); frozen (clean failure) at the last visit: {fair['share_frozen_last_visit']:.1%}",
+                  f"- fair-chance check: **{'passes' if fair['passes'] else 'fails'}**", "",
+                  "| epoch | mean | q25 | median | q75 | max | grown | shrunk | frozen |", "|---|---|---|---|---|---|---|---|---|"]
+        for e in history["epochs"]:
+            m, o = e["margins"], e["outcomes"]
+            lines.append(f"| {e['epoch']} | {m['mean']:.2f} | {m['q25']:.2f} | {m['median']:.2f} | {m['q75']:.2f} | "
+                         f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
+        lines += ["", f"![margins](margins/margins.png)", ""]
+
+    foreground = _reports(work / "test-foreground", order)
+    if foreground and task == "hippocampus":
+        fg = {n: _on_metric(r, "dice_fg") for n, r in foreground.items()}
+        lines += ["### Hippocampus on ALL foreground test slices (`dice_fg`: the classes in the label or the prediction)",
+                  "", paper_table(list(fg.values()), list(fg)).markdown]
+    spot = _reports(work / "spot-check", order)
+    if spot:
+        lines += [f"### PGD-{study['spot_check']['steps'][0]} spot check ({study['spot_check']['max_cases']} test cases)",
+                  "", paper_table(list(spot.values()), list(spot)).markdown]
+    sanity = {n: r["sanity"].get("passed") for split in (val, test, spot) for n, r in split.items()}
+    lines += ["Evaluator sanity checks: " + ("all passed" if all(v is True for v in sanity.values()) else
+              "; ".join(f"{n}: {v}" for n, v in sanity.items() if v is not True)), ""]
+    if test:
+        _plots(out, test, order, history, best_amat)
+        lines += ["![pareto](margins/pareto.png)", ""]
+    stages = json.loads((work / "stages.json").read_text()) if (work / "stages.json").is_file() else {}
+    total = sum(v["seconds"] for v in stages.values()) / 60
+    lines += ["Wall time: " + ", ".join(f"{k} {v['seconds'] / 60:.1f}" for k, v in stages.items())
+              + f" (minutes; total {total:.1f}).", ""]
+    study_json["stages"] = stages
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.json", json.dumps(study_json, indent=2, default=float))
+    atomic_write_text(results_dir / task / "MARGINS.md", "\n".join(lines))
