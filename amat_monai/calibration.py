@@ -11,14 +11,14 @@ each condition at ε = 0 and at ε = Δ); :func:`load_thresholds` reads it back 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from amat_monai.checkpoints import atomic_write_text, file_sha256
 
 __all__ = [
     "ESTIMATORS",
@@ -29,8 +29,6 @@ __all__ = [
     "write_xi",
     "load_xi",
     "load_thresholds",
-    "file_sha256",
-    "atomic_write_text",
 ]
 
 ESTIMATORS = ("mean_std", "median_mad", "huber")
@@ -126,29 +124,6 @@ def metric_threshold(scores: torch.Tensor, higher_is_better: bool, quantile: flo
         xi = float(torch.quantile(v, quantile if higher_is_better else 1 - quantile))
     return {"name": name, "n": int(v.numel()), "mean": float(v.mean()), "median": float(v.median()),
             "higher_is_better": bool(higher_is_better), "quantile": quantile, "xi": xi}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_xi(

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--init-checkpoint", default=None, help="start from these weights (e.g. fine-tune the STD model)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed training (torchrun)")
-    p.set_defaults(handler="amat_monai.workflows:train_command")
+    p.set_defaults(handler="amat_monai.commands:train_command")
 
     p = sub.add_parser("calibrate", help="compute the AMAT threshold xi from a normally trained model")
     _common(p)
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="location and scale of the loss thresholds (bundle default)")
     p.add_argument("--metric-quantile", type=float, default=None,
                    help="the metric threshold leaves this share of training samples failing (default: the mean score)")
-    p.set_defaults(handler="amat_monai.workflows:calibrate_command")
+    p.set_defaults(handler="amat_monai.commands:calibrate_command")
 
     p = sub.add_parser("evaluate", help="evaluate a model on clean and attacked inputs")
     _common(p)
@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_ints, default=None, help="steps per attack, in the order of --attacks")
     p.add_argument("--norm", choices=("l2", "linf"), default=None)
     p.add_argument("--restarts", type=int, default=None)
-    p.set_defaults(handler="amat_monai.evaluation:evaluate_command")
+    p.set_defaults(handler="amat_monai.commands:evaluate_command")
 
     p = sub.add_parser("compare", help="one table and one plot from several evaluation runs")
     p.add_argument("run_dirs", nargs="+", help="folders holding robustness.json")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--names", type=_names, default=None, help="row names, in the order of the run folders")
-    p.set_defaults(handler="amat_monai.reporting:compare_command")
+    p.set_defaults(handler="amat_monai.commands:compare_command")
 
     p = sub.add_parser("serve", help="serve the bundles from a local MONAI Label server (needs the [label] extra)")
     p.add_argument("--bundles", type=_names, default=None, help="bundle folders to serve (default: all shipped)")

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from amat_monai.calibration import atomic_write_text
+from amat_monai.checkpoints import atomic_write_text, latest_checkpoint, load_checkpoint
 from amat_monai.data import make_synthetic_decathlon
+from amat_monai.evaluation import robust_evaluate
 from amat_monai.workflows import calibrate, train
 
 __all__ = ["DEMO_SETTINGS", "BUNDLE", "run_demo", "demo_command"]
@@ -62,8 +63,6 @@ def _threads() -> None:
 
 def _evaluate(name: str, model: str, dataset_dir: str, out: Path, device: str, overrides: dict) -> dict:
     from monai.bundle import ConfigParser
-
-    from amat_monai.evaluation import load_checkpoint, robust_evaluate
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
@@ -143,7 +142,6 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
     seconds = time.perf_counter() - start
     table = _table(reports)
     xi_values = json.loads(Path(xi).read_text())["xi"]
-    from amat_monai.workflows import latest_checkpoint
 
     margins = torch.load(latest_checkpoint(runs / "amat" / "models"), weights_only=False)["adversarial"]["margins"]
     m = torch.as_tensor(margins["margins"], dtype=torch.float64)

@@ -33,6 +33,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from amat_monai.checkpoints import atomic_write_text
+
 __all__ = [
     "map_coordinates",
     "landmark_targets",
@@ -419,8 +421,6 @@ class SaveLandmarksd(MapTransform):
         self.image_key = image_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from amat_monai.calibration import atomic_write_text
-
         d = dict(data)
         meta = getattr(d.get(self.image_key), "meta", None) or {}
         source = meta.get("filename_or_obj") or d.get("sample_id") or "image"

@@ -2,13 +2,12 @@
 
 One report gives one row: ``| method | clean | PGD2 | PGD6 | PGD10 | PGD avg | IFGSM2 | ... | IFGSM avg |``
 (method doc §7 layout); several reports (STD, VAT_ε, AMAT) give the side-by-side table of the papers.
-``amat-monai compare RUN_DIR... --output-dir O`` writes ``comparison.md``, ``comparison.csv`` and
-``comparison.png``.
+``amat-monai compare RUN_DIR... --output-dir O`` (:mod:`amat_monai.commands`) writes ``comparison.md``,
+``comparison.csv`` and ``comparison.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Table", "load_report", "paper_table", "plot_runs", "save_figure", "compare_command"]
+__all__ = ["Table", "load_report", "paper_table", "plot_runs", "save_figure"]
 
 
 @dataclass
@@ -213,22 +212,3 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def compare_command(args: argparse.Namespace) -> int:
-    """``amat-monai compare RUN_DIR... --output-dir O [--names STD,VAT5,AMAT]``: one table (markdown + CSV) and
-    one plot of several models side by side."""
-    from amat_monai.calibration import atomic_write_text
-
-    reports = [load_report(d) for d in args.run_dirs]
-    names = args.names or [str(r.get("name") or Path(d).name) for r, d in zip(reports, args.run_dirs)]
-    if len(names) != len(reports):
-        raise ValueError(f"--names gives {len(names)} names for {len(reports)} run folders")
-    table = paper_table(reports, names)
-    out = Path(args.output_dir)
-    atomic_write_text(out / "comparison.md", table.markdown)
-    atomic_write_text(out / "comparison.csv", table.csv)
-    plot_runs(reports, out / "comparison.png", names)
-    print(table.markdown, end="")
-    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
-    return 0

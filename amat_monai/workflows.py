@@ -3,8 +3,8 @@
 A thin, bundle-agnostic layer: it picks the bundle's config files for a method (``train.json`` plus
 ``vat.json`` / ``amat.json`` / ``teat.json``), applies overrides (``dataset_dir``, ``output_dir``, ``epochs``,
 ``eps``, ``xi_file``, ``max_cases``, ``device`` and any ``--override KEY=JSON``), then runs the MONAI
-workflow protocol (initialize, check_properties, run, finalize). It also holds the small helpers the
-bundles' configs call (checkpoint dictionaries, an atomic final-weights saver, resuming).
+workflow protocol (initialize, check_properties, run, finalize). Checkpoints, final weights and
+resuming are in :mod:`amat_monai.checkpoints`.
 
 Python use::
 
@@ -15,20 +15,19 @@ Python use::
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import logging
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
-from torch import nn
+
+from amat_monai import distributed
+from amat_monai.checkpoints import atomic_write_text, file_sha256
 
 __all__ = [
     "METHOD_CONFIGS",
@@ -40,14 +39,6 @@ __all__ = [
     "train",
     "calibrate",
     "evaluate",
-    "train_command",
-    "calibrate_command",
-    "checkpoint_dict",
-    "FinalModelSaver",
-    "latest_checkpoint",
-    "resume_from_latest",
-    "load_weights",
-    "atomic_torch_save",
     "require_file",
     "evaluation_summary",
     "write_json",
@@ -57,91 +48,6 @@ logger = logging.getLogger(__name__)
 
 #: config files merged on top of ``train.json`` for each method
 METHOD_CONFIGS: dict[str, tuple[str, ...]] = {"std": (), "vat": ("vat.json",), "amat": ("amat.json",), "teat": ("teat.json",)}
-
-
-# --------------------------------------------------------------------------------------------------------
-# helpers called from the bundles' configs
-# --------------------------------------------------------------------------------------------------------
-def checkpoint_dict(**objects: Any) -> dict[str, Any]:
-    """The ``save_dict`` of MONAI's ``CheckpointSaver`` / ``CheckpointLoader``: the given objects minus ``None``
-    (``adversarial=None`` for STD), so a VAT / AMAT / TEAT handler's state is checkpointed with the weights."""
-    return {k: v for k, v in objects.items() if v is not None}
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename: a crash never leaves a truncated ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-class FinalModelSaver:
-    """Write the network's state dict (model-zoo ``model.pt``) atomically when training COMPLETES.
-
-    Unlike ``CheckpointSaver(save_final=True)``, which also saves when an exception is raised, a failed or
-    interrupted run never touches ``path``: the last good weights stay in place.
-
-    Args:
-        network: the trained network (a DDP wrapper is unwrapped).
-        path: where ``model.pt`` goes.
-    """
-
-    def __init__(self, network: nn.Module, path: str | os.PathLike) -> None:
-        self.network = network
-        self.path = Path(path)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine | None = None) -> None:
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        atomic_torch_save(net.state_dict(), self.path)
-        logger.info(f"saved the final weights to {self.path}")
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The ``checkpoint_epoch=N.pt`` (or ``..._iteration=N.pt``) with the largest N in ``ckpt_dir``, if any."""
-    best, best_n = None, -1
-    for f in glob.glob(os.path.join(str(ckpt_dir), "*checkpoint_*=*.pt")):
-        m = re.search(r"_(?:epoch|iteration)=(\d+)\.pt$", f)
-        if m and int(m.group(1)) > best_n:
-            best, best_n = f, int(m.group(1))
-    return best
-
-
-def resume_from_latest(trainer: Engine, ckpt_dir: str | os.PathLike, save_dict: Mapping[str, Any]) -> str:
-    """Attach a MONAI ``CheckpointLoader`` that restores ``save_dict`` (network, optimizer, trainer state,
-    adversarial handler state) from the latest checkpoint in ``ckpt_dir`` when the trainer starts.
-
-    Raises:
-        FileNotFoundError: when ``ckpt_dir`` holds no checkpoint.
-    """
-    from monai.handlers import CheckpointLoader
-
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        raise FileNotFoundError(f"resume=true but {ckpt_dir} holds no checkpoint_epoch=N.pt to resume from")
-    CheckpointLoader(load_path=path, load_dict=dict(save_dict), map_location="cpu").attach(trainer)
-    from amat_monai.distributed import match_epoch_length
-
-    match_epoch_length(trainer)  # the checkpoint may come from a run with another number of processes
-    logger.info(f"resuming from {path}")
-    return path
-
-
-def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Initialise ``network`` from a state dict or a full checkpoint (e.g. to fine-tune the STD model)."""
-    from amat_monai.evaluation import load_checkpoint
-
-    load_checkpoint(network, path, device="cpu")
-    logger.info(f"initialised the network from {path}")
-    return network
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -278,10 +184,6 @@ def train(
         )
     names = ["train.json", *METHOD_CONFIGS[method]]
     if nproc > 1:
-        try:
-            from amat_monai import distributed
-        except ImportError:
-            raise RuntimeError("--nproc > 1 needs amat_monai.distributed, which this installation lacks") from None
         names.append("multi_gpu_train.json")
         files = config_files(bundle, names)
         distributed.launch(files, nproc, {"bundle_root": str(Path(bundle).resolve()), **ovr})
@@ -355,8 +257,6 @@ def require_file(path: str | os.PathLike | None, what: str = "file") -> str:
 
 def evaluation_summary(evaluator: Engine, checkpoint: str | os.PathLike, section: str, slices: str) -> dict[str, Any]:
     """The metrics of a finished evaluator run, for ``evaluation.json``."""
-    from amat_monai.calibration import file_sha256
-
     metrics = {}
     for name, value in evaluator.state.metrics.items():
         value = value.tolist() if isinstance(value, torch.Tensor) else value
@@ -373,62 +273,5 @@ def evaluation_summary(evaluator: Engine, checkpoint: str | os.PathLike, section
 
 def write_json(path: str | os.PathLike, content: Any) -> str:
     """Write ``content`` as JSON atomically (used by ``evaluate.json``)."""
-    from amat_monai.calibration import atomic_write_text
-
     atomic_write_text(path, json.dumps(content, indent=2, default=float) + "\n")
     return str(path)
-
-
-# --------------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------------
-def train_command(args: argparse.Namespace) -> int:
-    """``amat-monai train``."""
-    ovr = parse_overrides(getattr(args, "override", None))
-    if args.epochs is not None:
-        ovr["epochs"] = int(args.epochs)
-    if args.eps is not None:
-        if args.method not in ("vat", "teat"):
-            raise ValueError(f"--eps is for vat and teat, not {args.method}")
-        ovr["eps"] = float(args.eps)
-    if args.xi is not None:
-        if args.method != "amat":
-            raise ValueError(f"--xi is for amat, not {args.method}")
-        ovr["xi_file"] = str(Path(args.xi).resolve())
-    if getattr(args, "condition", None) is not None:
-        if args.method != "amat":
-            raise ValueError(f"--condition is for amat, not {args.method}")
-        ovr["amat_condition"] = args.condition
-    if getattr(args, "init_checkpoint", None):
-        if not Path(args.init_checkpoint).is_file():
-            raise FileNotFoundError(f"--init-checkpoint not found: {args.init_checkpoint}")
-        ovr["init_checkpoint"] = str(Path(args.init_checkpoint).resolve())
-    paths = train(
-        args.bundle, args.method, args.dataset_dir, args.output_dir, nproc=getattr(args, "nproc", 1),
-        max_cases=args.max_cases, device=args.device, **ovr,
-    )
-    print(f"trained {args.method}: final weights {paths['model']}")
-    return 0
-
-
-def calibrate_command(args: argparse.Namespace) -> int:
-    """``amat-monai calibrate``."""
-    ovr = parse_overrides(getattr(args, "override", None))
-    if getattr(args, "metric_quantile", None) is not None:
-        ovr["xi_metric_quantile"] = float(args.metric_quantile)
-    path = calibrate(
-        args.bundle, args.dataset_dir, args.output_dir, args.checkpoint, z=args.z, estimator=args.estimator,
-        max_cases=args.max_cases, device=args.device, **ovr,
-    )
-    content = json.loads(Path(path).read_text())
-    terms = ", ".join(f"{t['name']} ξ={t['xi']:.4f} (n={t['n']})" for t in content["terms"])
-    extra = [f"total ξ={content['total']['xi']:.4f}"]
-    if content.get("metric"):
-        extra.append(f"{content['metric']['name']} ξ={content['metric']['xi']:.4f}")
-    feasibility = content.get("feasibility") or {}
-    shares = "; ".join(f"{k} " + " / ".join(f"{v:.1%}" for v in feasibility[k])
-                       for k in ("terms", "total", "metric") if k in feasibility)
-    print(f"wrote {path}: {terms}, {', '.join(extra)}")
-    if shares:
-        print(f"training samples passing each condition at ε = {', '.join(f'{e:g}' for e in feasibility['eps'])}: {shares}")
-    return 0

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from amat_monai.calibration import atomic_write_text  # noqa: E402
+from amat_monai.checkpoints import atomic_write_text, latest_checkpoint  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.comparison import paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
-from amat_monai.workflows import calibrate, latest_checkpoint, train  # noqa: E402
+from amat_monai.workflows import calibrate, train  # noqa: E402
 from reproduce import PROTOCOLS, TASKS, Stages  # noqa: E402
 
 #: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm

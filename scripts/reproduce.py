@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amat_monai.calibration import atomic_write_text  # noqa: E402
+from amat_monai.checkpoints import atomic_write_text, latest_checkpoint  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.reporting import load_report, paper_table  # noqa: E402
-from amat_monai.workflows import calibrate, latest_checkpoint, train  # noqa: E402
+from amat_monai.workflows import calibrate, train  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "hippocampus": {

@@ -194,7 +194,7 @@ def test_checkpoint_restores_every_margin_into_one_process(two_rank_run):
 
 @pytest.mark.slow
 def test_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
-    from amat_monai.calibration import atomic_write_text
+    from amat_monai.checkpoints import atomic_write_text
     from amat_monai.data.synthetic import make_synthetic_decathlon
     from amat_monai.workflows import train
 

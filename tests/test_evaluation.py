@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from amat_monai.cli import main
-from amat_monai.evaluation import AttackSpec, load_checkpoint, make_attacks, robust_evaluate
+from amat_monai.checkpoints import load_checkpoint
+from amat_monai.evaluation import AttackSpec, make_attacks, robust_evaluate
 from amat_monai.losses import SegmentationLoss
 from amat_monai.metrics import SegmentationMetric
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from amat_monai.calibration import file_sha256
+from amat_monai.checkpoints import file_sha256
 from amat_monai.data import make_synthetic_decathlon
 
 ROOT = Path(__file__).resolve().parents[1]

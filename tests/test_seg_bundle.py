@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
-from amat_monai.calibration import file_sha256
+from amat_monai.checkpoints import file_sha256
 from amat_monai.data import DecathlonSliceDataset, make_synthetic_decathlon
 from amat_monai.workflows import build_workflow, run_workflow
 from conftest import SEG_TINY

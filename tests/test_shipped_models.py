@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from amat_monai.calibration import file_sha256
+from amat_monai.checkpoints import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 #: task name in docs/results -> (bundle folder, number of loss terms, hence of ξ values)

@@ -11,7 +11,8 @@ import torch
 
 from amat_monai import cli
 from amat_monai.data import make_synthetic_decathlon
-from amat_monai.workflows import calibrate, latest_checkpoint, parse_overrides, train
+from amat_monai.checkpoints import latest_checkpoint
+from amat_monai.workflows import calibrate, parse_overrides, train
 from conftest import SEG_TINY as TINY
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_seg"

@@ -33,7 +33,7 @@ import torch
 from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import LoadImage, ResizeWithPadOrCrop
 
-from amat_monai.calibration import atomic_write_text
+from amat_monai.checkpoints import atomic_write_text
 
 __all__ = [
     "SECTIONS",

@@ -29,7 +29,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from amat_monai.attacks import LossFn, frozen_norm_statistics, per_sample_norm, per_sample_terms
-from amat_monai.calibration import atomic_write_text
+from amat_monai.checkpoints import atomic_write_text
 from amat_monai.conditions import make_condition
 from amat_monai.distributed import get_rank, sync_margins
 from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler, unwrap_network
