@@ -168,7 +168,10 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, device: torch.d
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Initialise ``network`` from a state dict or a full checkpoint (e.g. to fine-tune the STD model)."""
+    """Initialise ``network`` (a DDP wrapper is unwrapped) from a state dict or a full checkpoint (e.g. to
+    fine-tune the STD model)."""
+    if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        network = network.module
     load_checkpoint(network, path, device="cpu")
     logger.info(f"initialised the network from {path}")
     return network

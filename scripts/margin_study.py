@@ -57,7 +57,7 @@ MARGIN_STUDY: dict[str, dict[str, Any]] = {
         # none under PGD-20 at ε = Δ on STD), then two lower Dice thresholds that leave 10 % and 3 % of the clean
         # training slices failing, so that margins can grow towards VAT's ε
         "levels": [{"xi_metric_quantile": 0.10}, {"xi_metric_quantile": 0.03}],
-        "validate": ["test#dataset#section=\"validation\""],
+        "validate": ["test_section=\"validation\""],
         "foreground": ["robust_slices=\"foreground\""],
         "spot_check": {"steps": [100, 10], "max_cases": 8},
     },
