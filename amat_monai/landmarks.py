@@ -32,6 +32,7 @@ from ignite.metrics import Metric
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+from monai.utils import convert_to_tensor
 
 from amat_monai.checkpoints import atomic_write_text
 
@@ -193,7 +194,7 @@ class LandmarkDecoder:
         self.heatmap_activation = heatmap_activation
 
     def __call__(self, pred: torch.Tensor, batch: Mapping[str, Any] | None = None) -> torch.Tensor:
-        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        pred = convert_to_tensor(pred, track_meta=False)
         pts = decode_landmarks(pred.detach(), self.radius, self.heatmap_activation).double().cpu()
         grid = torch.tensor(pred.shape[-2:], dtype=torch.float64)
         sizes = _original_sizes(batch or {}, self.original_size_key, pts.shape[0], self.original_size)
@@ -219,8 +220,8 @@ class LandmarkGridError:
         self.radius = float(radius)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
-        target = target.as_tensor() if hasattr(target, "as_tensor") else target
+        pred = convert_to_tensor(pred, track_meta=False)
+        target = convert_to_tensor(target, track_meta=False)
         found = decode_landmarks(pred.detach(), self.radius)
         true = decode_landmarks(target.to(pred.device), self.radius, heatmap_activation=None)
         return (found - true).norm(dim=-1).mean(dim=-1)
@@ -381,7 +382,7 @@ class DecodeLandmarksd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             maps = d[key]
-            maps = maps.as_tensor() if hasattr(maps, "as_tensor") else torch.as_tensor(maps)
+            maps = convert_to_tensor(maps, track_meta=False)
             grid = tuple(int(v) for v in maps.shape[-2:])
             pts = decode_landmarks(maps.detach().cpu(), self.radius, self.heatmap_activation).double()
             original = self._original(d, grid)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from monai.metrics import get_confusion_matrix
 from monai.networks.utils import one_hot
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 
 __all__ = [
     "TaskMetric",
@@ -179,8 +179,8 @@ class PresentClassDice:
     higher_is_better = True
 
     def __call__(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
-        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        pred = convert_to_tensor(pred, track_meta=False)
+        label = convert_to_tensor(label, track_meta=False)
         counts = hard_dice_counts(pred.detach(), label.to(pred.device))  # [B, C-1, 3]
         tp, fp, fn = counts.unbind(-1)
         present = (tp + fn) > 0
@@ -211,8 +211,8 @@ class SegmentationMetric(TaskMetric):
 
     def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         label = batch[self.label_key]
-        label = label.as_tensor() if hasattr(label, "as_tensor") else label
-        pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+        label = convert_to_tensor(label, track_meta=False)
+        pred = convert_to_tensor(pred, track_meta=False)
         counts = hard_dice_counts(pred.detach(), label.to(pred.device))  # [B, C-1, 3]
         dice = dice_from_counts(counts)  # [B, C-1]
         in_label = (counts[..., 0] + counts[..., 2]) > 0  # TP + FN > 0

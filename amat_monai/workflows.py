@@ -38,7 +38,7 @@ __all__ = [
     "run_workflow",
     "train",
     "calibrate",
-    "evaluate",
+    "evaluate_clean",
     "require_file",
     "evaluation_summary",
     "write_json",
@@ -227,7 +227,7 @@ def calibrate(
     return str(_value(workflow, "xi_file"))
 
 
-def evaluate(
+def evaluate_clean(
     bundle: str | os.PathLike,
     dataset_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,

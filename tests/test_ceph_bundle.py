@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from amat_monai.data.ceph import ceph_datalist, make_synthetic_ceph, read_landmarks_csv, read_split
 from amat_monai.landmarks import LandmarkDecoder
-from amat_monai.workflows import build_workflow, calibrate, evaluate, run_workflow, train
+from amat_monai.workflows import build_workflow, calibrate, evaluate_clean, run_workflow, train
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ceph_landmarks"
 # a tiny network on a small grid keeps every run to a second or two on 2 CPU cores
@@ -83,7 +83,7 @@ def test_every_config_runs_on_synthetic_data(synthetic, tmp_path):
     assert [t["name"] for t in xi["terms"]] == ["heatmap", "offset_x", "offset_y"]
     assert xi["terms"][0]["z"] == 2.0 and xi["terms"][0]["n"] == 4
     assert all(t["xi"] == pytest.approx(t["mean"] + 2 * t["std"]) for t in xi["terms"])
-    ev = evaluate(BUNDLE, synthetic, out / "std", paths["model"], **TINY)
+    ev = evaluate_clean(BUNDLE, synthetic, out / "std", paths["model"], **TINY)
     assert set(ev["metrics"]) == {"mre_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm"}
     assert ev["num_samples"] == 2 and ev["metrics"]["mre_mm"] > 0
     for method, extra in (("vat", {"eps": 1.0}), ("amat", {"xi_file": xi_file}), ("teat", {"eps": 1.0})):

@@ -52,7 +52,7 @@ def test_fixed_margin_trains_on_clean_and_adversarial_halves():
     trainer.run()
     out, cur = trainer.state.output, handler.current
     assert out["image"].shape[0] == 8 and torch.equal(out["image"][:4], cur.x) and torch.equal(out["image"][4:], cur.x_adv)
-    torch.testing.assert_close(cur.eps, torch.full((4,), 1.0))
+    torch.testing.assert_close(cur.margins, torch.full((4,), 1.0))
     net.train()
     with torch.no_grad():
         expected = 0.5 * MeanLoss(TERMS)(net(cur.x), cur.y) + 0.5 * MeanLoss(TERMS)(net(cur.x_adv), cur.y)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import LoadImage, ResizeWithPadOrCrop
+from monai.utils import convert_to_tensor
 
 from amat_monai.checkpoints import atomic_write_text
 
@@ -270,8 +271,8 @@ def volume_to_slices(
     for k in range(img.shape[1]):
         x = resize(img[:, k])
         y = resize(lab[:, k])
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        y = y.as_tensor() if hasattr(y, "as_tensor") else y
+        x = convert_to_tensor(x, track_meta=False)
+        y = convert_to_tensor(y, track_meta=False)
         if slices == "foreground" and not bool((y > 0).any()):
             continue
         if slices == "all_classes" and not all(bool((y == c).any()) for c in range(1, num_classes)):

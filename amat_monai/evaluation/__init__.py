@@ -35,7 +35,7 @@ Python use::
 
 from amat_monai.evaluation.engine import RobustEvaluator
 from amat_monai.evaluation.grid import DEFAULT_STEPS, STEP_SIZE_FACTORS, TASKS, AttackSpec, make_attacks
-from amat_monai.evaluation.report import RobustEvaluation, robust_evaluate, write_outputs
+from amat_monai.evaluation.report import robust_evaluate, write_outputs
 from amat_monai.evaluation.sanity import sanity_checks
 
 __all__ = [
@@ -48,5 +48,4 @@ __all__ = [
     "robust_evaluate",
     "sanity_checks",
     "write_outputs",
-    "RobustEvaluation",
 ]

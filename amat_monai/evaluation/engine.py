@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import Evaluator
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,11 +30,11 @@ class _InferencePath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x) if self.inferer is None else self.inferer(x, self.network)
-        return out.as_tensor() if hasattr(out, "as_tensor") else out
+        return convert_to_tensor(out, track_meta=False)
 
 
 def _plain(t: Any) -> Any:
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
+    return convert_to_tensor(t, track_meta=False) if isinstance(t, torch.Tensor) else t
 
 
 def _per_sample_list(batch: Mapping[str, Any], key: str, n: int) -> list[Any]:

@@ -27,7 +27,7 @@ from amat_monai.reporting import paper_table, plot_runs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["robust_evaluate", "RobustEvaluation", "write_outputs"]
+__all__ = ["robust_evaluate", "write_outputs"]
 
 
 def _concat(records: list[dict], getter: Callable[[dict], torch.Tensor]) -> np.ndarray:
@@ -232,23 +232,6 @@ def _default_name(checkpoint: str | os.PathLike | None, output_dir: str | os.Pat
         path = Path(checkpoint)
         return path.parent.parent.name if path.parent.name == "models" and path.parent.parent.name else path.stem
     return Path(output_dir).name if output_dir else "model"
-
-
-class RobustEvaluation:
-    """:func:`robust_evaluate` as a configurable object, for bundle configs (``"evaluator"`` with a ``run()``).
-
-    Takes the arguments of :func:`robust_evaluate`; :meth:`run` returns its report.
-    """
-
-    def __init__(self, network: nn.Module, loss_fn: Callable, dataloader: Iterable, metric: TaskMetric | None = None,
-                 **kwargs: Any) -> None:
-        self.network, self.loss_fn, self.dataloader, self.metric = network, loss_fn, dataloader, metric
-        self.kwargs = kwargs
-        self.report: dict[str, Any] | None = None
-
-    def run(self) -> dict[str, Any]:
-        self.report = robust_evaluate(self.network, self.loss_fn, self.dataloader, self.metric, **self.kwargs)
-        return self.report
 
 
 # --------------------------------------------------------------------------------------------------------

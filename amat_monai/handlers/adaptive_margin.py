@@ -2,7 +2,7 @@
 
 Algorithm 1 of the method (``../shared/docs/amat-method.md`` §2), line by line, and where it happens:
 
-1. ``m = E[ids]``: :meth:`AdaptiveMarginHandler.radii` reads :class:`~amat_monai.margins.MarginTable`.
+1. ``m = E[ids]``: :meth:`AdaptiveMarginHandler.margins_of` reads :class:`~amat_monai.margins.MarginTable`.
 2. clean pass, ``L0``: the trainer's forward pass on ``[x; x_adv]``, its first half
    (:meth:`~AdversarialTrainingHandler.clean_prediction`), read in :meth:`AdaptiveMarginHandler.update`.
 3. ``x_adv = Adv(x, y, m)``: :meth:`AdversarialTrainingHandler.__call__` at ``ITERATION_STARTED``
@@ -144,7 +144,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self._epoch_counts = torch.zeros(len(OUTCOMES), dtype=torch.long)
         self.logger = logging.getLogger(__name__)
 
-    def radii(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
+    def margins_of(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
         return self.table.get(ids)
 
     def make_observer(self, y: torch.Tensor) -> BoundaryTracker | None:
@@ -177,7 +177,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         boundary = None
         if self.shrink == "halfway":
             boundary = self._boundary_norms(engine, cur, adv_pred, adv_badness, clean_badness, ~passed)
-        margins = cur.eps.double().cpu()
+        margins = cur.margins.double().cpu()
         new = update_margins(margins, passed, self.delta, growth=self.growth, growth_factor=self.growth_factor,
                              shrink=self.shrink, boundary_norm=boundary, frozen=frozen, floor=self.floor,
                              eps_max=self.eps_max)

@@ -3,7 +3,7 @@
 At ``ITERATION_STARTED`` the handler attacks the batch (L2 PGD inside each sample's ball) and appends the
 adversarial copies to it, so the trainer's forward pass sees ``[x; x_adv]`` and a loss averaged over samples
 (:class:`amat_monai.losses.MeanLoss`) is exactly ``0.5·clean + 0.5·adversarial``. Subclasses choose each
-sample's radius: one ε for all (:class:`FixedMarginHandler`, VAT) or per-sample margins
+sample's margin (the radius of its attack): one ε for all (:class:`FixedMarginHandler`, VAT) or per-sample margins
 (:class:`~amat_monai.handlers.AdaptiveMarginHandler`, AMAT).
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from ignite.engine import Engine, Events
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 from torch import nn
 
 from amat_monai.attacks import LossFn, Observer, pgd
@@ -43,7 +43,7 @@ def batch_ids(batch: dict, id_key: str) -> list[str]:
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """Drop MONAI's MetaTensor wrapper: the attack needs plain tensors (and is faster on them)."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
+    return convert_to_tensor(t, track_meta=False)
 
 
 @dataclass
@@ -54,12 +54,12 @@ class AdversarialBatch:
     x: torch.Tensor
     y: torch.Tensor
     x_adv: torch.Tensor
-    eps: torch.Tensor
+    margins: torch.Tensor
     observer: Observer | None = None
 
 
 class AdversarialTrainingHandler:
-    """Base handler: attack every training batch at per-sample radii chosen by :meth:`radii`.
+    """Base handler: attack every training batch at per-sample margins chosen by :meth:`margins_of`.
 
     Args:
         loss_fn: per-sample loss returning ``[B]`` or ``[B, K]`` (the terms of the training loss).
@@ -108,17 +108,17 @@ class AdversarialTrainingHandler:
         self.current: AdversarialBatch | None = None
 
     # -- to be specialised -------------------------------------------------------------------------------
-    def radii(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
-        """Per-sample attack radius ``[B]`` for this batch."""
+    def margins_of(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
+        """Per-sample margin ``[B]`` (the attack's radius) for this batch."""
         raise NotImplementedError
 
     def make_observer(self, y: torch.Tensor) -> Observer | None:
         """A new observer of this batch's attack path, if the subclass needs one (kept in :attr:`current`)."""
         return None
 
-    def step_size(self, eps: torch.Tensor) -> torch.Tensor:
-        """Per-sample PGD step length: ``min(step_size_factor / steps, 1) · eps``."""
-        return min(self.step_size_factor / self.steps, 1.0) * eps
+    def step_size(self, margins: torch.Tensor) -> torch.Tensor:
+        """Per-sample PGD step length: ``min(step_size_factor / steps, 1) · margins``."""
+        return min(self.step_size_factor / self.steps, 1.0) * margins
 
     # -- Ignite ---------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -134,23 +134,23 @@ class AdversarialTrainingHandler:
         ids = batch_ids(batch, self.id_key)
         if len(ids) != x.shape[0]:
             raise ValueError(f"batch has {x.shape[0]} images but {len(ids)} ids under {self.id_key!r}")
-        eps = self.radii(ids, x).to(device=x.device, dtype=x.dtype)
+        margins = self.margins_of(ids, x).to(device=x.device, dtype=x.dtype)
         observer = self.make_observer(y)
         x_adv = pgd(
             unwrap_network(engine.network),
             self.loss_fn,
             x,
             y,
-            eps,
+            margins,
             steps=self.steps,
-            step_size=self.step_size(eps),
+            step_size=self.step_size(margins),
             norm=self.norm,
             random_start=self.random_start,
             clamp=self.clamp,
             train_mode=self.attack_train_mode,
             observer=observer,
         )
-        self.current = AdversarialBatch(ids=ids, x=x, y=y, x_adv=x_adv, eps=eps, observer=observer)
+        self.current = AdversarialBatch(ids=ids, x=x, y=y, x_adv=x_adv, margins=margins, observer=observer)
         new_batch = dict(batch)
         new_batch[self.image_key] = x_adv if self.adversarial_only else torch.cat([x, x_adv])
         new_batch[self.label_key] = y if self.adversarial_only else torch.cat([y, y])
@@ -186,5 +186,5 @@ class FixedMarginHandler(AdversarialTrainingHandler):
         super().__init__(loss_fn, **kwargs)
         self.eps = float(eps)
 
-    def radii(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
+    def margins_of(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), self.eps)

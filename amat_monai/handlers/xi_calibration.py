@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 
-from amat_monai.attacks import LossFn, pgd, per_sample_terms
+from amat_monai.attacks import LossFn, per_sample_terms, pgd
 from amat_monai.calibration import compute_xi, metric_threshold, write_xi
 from amat_monai.conditions import LossTermsCondition, MetricCondition, TotalLossCondition
 from amat_monai.losses import term_names
@@ -99,8 +99,8 @@ class XiCalibrationHandler:
             self.scores.append(score)
         if self._attacked:
             x, y = engine.prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)[:2]
-            x = x.as_tensor() if hasattr(x, "as_tensor") else x
-            y = y.as_tensor() if hasattr(y, "as_tensor") else y
+            x = convert_to_tensor(x, track_meta=False)
+            y = convert_to_tensor(y, track_meta=False)
             for eps in self._attacked:
                 step = min(self.step_size_factor / self.attack_steps, 1.0) * eps
                 x_adv = pgd(engine.network, self.loss_fn, x, y, eps, steps=self.attack_steps, step_size=step,
