@@ -48,3 +48,14 @@ def test_shipped_weights_are_the_evaluated_ones(task):
     assert xi["checkpoint_sha256"] == file_sha256(bundle / xi["checkpoint"]), "ξ was calibrated on another model"
     assert len(xi["xi"]) == SHIPPED[task][1] and all(v > 0 for v in xi["xi"])
     assert f"{xi['terms'][0]['xi']:.4f}" in (results / "RESULTS.md").read_text(), "RESULTS.md names another ξ"
+
+
+@pytest.mark.parametrize("task", sorted(SHIPPED))
+def test_metadata_eval_metrics_are_the_shipped_models_numbers(task):
+    bundle, results = _shipped(task)
+    reports = {json.loads(f.read_text())["checkpoint_sha256"]: json.loads(f.read_text()) for f in results.glob("*/robustness.json")}
+    report = reports[file_sha256(bundle / "models" / "model.pt")]
+    metrics = json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"]
+    clean, pgd, ifgsm = metrics.values()  # the clean metric, then the PGD and IFGSM averages
+    assert (clean, pgd, ifgsm) == pytest.approx(
+        (report["clean"], report["averages"]["pgd"], report["averages"]["ifgsm"]), abs=5e-5)
