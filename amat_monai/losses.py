@@ -65,7 +65,9 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"target shape {tuple(target.shape)} does not match prediction {tuple(pred.shape)}")
         target = target.long()
         dice = self.dice(pred, target).flatten(1).mean(dim=1)
-        ce = F.cross_entropy(pred, target[:, 0], reduction="none").flatten(1).mean(dim=1)
+        # per-pixel CE as log-softmax + gather: the same values and gradients as F.cross_entropy(reduction="none"),
+        # bit for bit, about a quarter faster on CPU (docs/PERFORMANCE.md), and the attack calls it at every step
+        ce = -pred.log_softmax(dim=1).gather(1, target).flatten(1).mean(dim=1)
         return torch.stack([self.dice_weight * dice, self.ce_weight * ce], dim=1)
 
 

@@ -167,3 +167,18 @@ def test_bad_inputs_raise_value_error_naming_them():
         pgd(net, LOSS, x[0], y, 1.0)
     with pytest.raises(ValueError, match="loss_fn must return per-sample"):
         pgd(net, lambda p, t: LOSS(p, t).mean(), x, y, 1.0)
+
+
+def test_segmentation_ce_term_is_cross_entropy_bit_for_bit():
+    import torch.nn.functional as F
+
+    from amat_monai.losses import SegmentationLoss
+
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(4, 3, 12, 10, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (4, 1, 12, 10), generator=g)
+    ours = SegmentationLoss()(pred, target)[:, 1]
+    (grad_ours,) = torch.autograd.grad(ours.sum(), pred)
+    reference = F.cross_entropy(pred, target[:, 0], reduction="none").flatten(1).mean(dim=1)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), pred)
+    assert torch.equal(ours, reference) and torch.equal(grad_ours, grad_ref)
