@@ -211,6 +211,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ddp-steps", type=int, default=None, help="PGD steps in the DDP comparison (default 5, quick 2)")
     p.add_argument("--skip-ddp", action="store_true")
     p.add_argument("--epoch-only", action="store_true", help="only the AMAT / VAT epoch-time comparison")
+    p.add_argument("--attack-only", action="store_true", help="only the attack-step and torchattacks comparison")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--xi", type=float, nargs="*", default=None, help=argparse.SUPPRESS)
@@ -234,28 +235,29 @@ def main(argv=None) -> dict:
     res: dict = {"cpu": ba.cpu_model(), "threads": torch.get_num_threads(), "steps": steps,
                  "samples_per_epoch": len(items), "batch": BATCH, "input": [BATCH, 1, *SHAPE], "xi": xi}  # fmt: skip
 
-    # 1. epoch time, VAT vs AMAT (bisect) vs AMAT (step shrink), alternating
-    for kind in ("vat", "amat", "amat_step"):  # warm-up: allocator, first-call overheads (first epochs run slower)
-        train_epoch(net0, items, kind, steps, xi)
-    epoch = {"vat": [], "amat": [], "amat_step": []}
-    shrunk = []
-    names = list(epoch)
-    for r in range(rounds):
-        for kind in names[r % 3 :] + names[: r % 3]:  # rotate who goes first
-            times, handler = train_epoch(net0, items, kind, steps, xi)
-            epoch[kind].append(times[0])
-            if kind == "amat":
-                shrunk.append(sum(v < 2 * DELTA for v in handler.table.as_dict().values()) / len(items))
-    med = {k: statistics.median(v) for k, v in epoch.items()}
-    res.update({f"epoch_s_{k}": v for k, v in med.items()})
-    res["amat_over_vat_epoch_time"] = med["amat"] / med["vat"]
-    res["amat_step_shrink_over_vat_epoch_time"] = med["amat_step"] / med["vat"]
-    res["amat_fraction_shrunk"] = statistics.mean(shrunk)
-    res["amat_over_vat_epoch_time_range"] = paired_range(epoch["amat"], epoch["vat"])
-    res["amat_step_shrink_over_vat_epoch_time_range"] = paired_range(epoch["amat_step"], epoch["vat"])
-    if args.epoch_only:
-        print(json.dumps({k: v for k, v in res.items() if k.startswith(("epoch_s", "amat_", "steps", "threads"))}))
-        return res
+    if not args.attack_only:
+        # 1. epoch time, VAT vs AMAT (bisect) vs AMAT (step shrink), alternating
+        for kind in ("vat", "amat", "amat_step"):  # warm-up: allocator, first-call overheads (first epochs run slower)
+            train_epoch(net0, items, kind, steps, xi)
+        epoch = {"vat": [], "amat": [], "amat_step": []}
+        shrunk = []
+        names = list(epoch)
+        for r in range(rounds):
+            for kind in names[r % 3 :] + names[: r % 3]:  # rotate who goes first
+                times, handler = train_epoch(net0, items, kind, steps, xi)
+                epoch[kind].append(times[0])
+                if kind == "amat":
+                    shrunk.append(sum(v < 2 * DELTA for v in handler.table.as_dict().values()) / len(items))
+        med = {k: statistics.median(v) for k, v in epoch.items()}
+        res.update({f"epoch_s_{k}": v for k, v in med.items()})
+        res["amat_over_vat_epoch_time"] = med["amat"] / med["vat"]
+        res["amat_step_shrink_over_vat_epoch_time"] = med["amat_step"] / med["vat"]
+        res["amat_fraction_shrunk"] = statistics.mean(shrunk)
+        res["amat_over_vat_epoch_time_range"] = paired_range(epoch["amat"], epoch["vat"])
+        res["amat_step_shrink_over_vat_epoch_time_range"] = paired_range(epoch["amat_step"], epoch["vat"])
+        if args.epoch_only:
+            print(json.dumps({k: v for k, v in res.items() if k.startswith(("epoch_s", "amat_", "steps", "threads"))}))
+            return res
 
     # 2. attack step cost and torchattacks, on this network in eval mode, per-pixel CE, inputs in [0, 1]
     PGDL2 = ba.load_pgdl2()
@@ -269,7 +271,7 @@ def main(argv=None) -> dict:
             xg = x.clone().requires_grad_(True)
             torch.autograd.grad(ba.per_pixel_ce(net(xg), y).sum(), xg)
 
-    def ours(seed, loss_fn=ba.per_pixel_ce):
+    def ours(seed, loss_fn=ba.per_pixel_ce_gather):  # the per-sample CE as SegmentationLoss computes it
         torch.manual_seed(seed)
         return pgd(net, loss_fn, x, y, EPS, steps=steps, step_size=alpha, clamp=(0.0, 1.0), train_mode=False)
 
@@ -302,6 +304,9 @@ def main(argv=None) -> dict:
     res["pgd_step_over_fwd_bwd_range"] = paired_range(t["ours"], t["fwd_bwd"])
     res["pgd_vs_torchattacks_time_range"] = paired_range(t["ours"], t["theirs"])
     res["pgd_vs_torchattacks_time_same_loss_range"] = paired_range(t["ours_mean_ce"], t["theirs"])
+    if args.attack_only:
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(("pgd_", "fwd_", "steps", "threads"))}))
+        return res
 
     # 3. robust evaluation throughput (one PGD cell, one eps, no sanity cells)
     try:
