@@ -30,7 +30,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-from amat_monai.distributed import match_epoch_length
+from amat_monai.distributed import match_epoch_length, unwrap_network
 
 __all__ = [
     "atomic_write_text",
@@ -170,8 +170,6 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, device: torch.d
 def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Initialise ``network`` (a DDP wrapper is unwrapped) from a state dict or a full checkpoint (e.g. to
     fine-tune the STD model)."""
-    if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        network = network.module
-    load_checkpoint(network, path, device="cpu")
+    load_checkpoint(unwrap_network(network), path, device="cpu")
     logger.info(f"initialised the network from {path}")
     return network

@@ -41,6 +41,7 @@ __all__ = [
     "init_process_group",
     "destroy_process_group",
     "wrap_ddp",
+    "unwrap_network",
     "rank_zero_handlers",
     "match_epoch_length",
     "SynchronizedTimeLimit",
@@ -155,6 +156,12 @@ def wrap_ddp(network: nn.Module, device: torch.device | str | None = None, **ddp
         ddp_kwargs.setdefault("device_ids", [device.index])
         ddp_kwargs.setdefault("output_device", device.index)
     return nn.parallel.DistributedDataParallel(network, **ddp_kwargs)
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module under a ``DistributedDataParallel`` / ``DataParallel`` wrapper: attacks need input gradients
+    only, and must not trigger the wrapper's gradient synchronisation."""
+    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
 
 
 def _rank_zero_only(handler: Any) -> bool:

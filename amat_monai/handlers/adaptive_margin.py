@@ -31,8 +31,8 @@ from monai.utils import CommonKeys
 from amat_monai.attacks import LossFn, frozen_norm_statistics, per_sample_norm, per_sample_terms
 from amat_monai.checkpoints import atomic_write_text
 from amat_monai.conditions import make_condition
-from amat_monai.distributed import get_rank, sync_margins
-from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler, unwrap_network
+from amat_monai.distributed import get_rank, sync_margins, unwrap_network
+from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler
 from amat_monai.margins import (
     BOUNDARY_SEARCHES,
     GROWTH_RULES,

@@ -15,17 +15,11 @@ from dataclasses import dataclass
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys, convert_to_tensor
-from torch import nn
 
 from amat_monai.attacks import LossFn, Observer, pgd
+from amat_monai.distributed import unwrap_network
 
-__all__ = ["AdversarialBatch", "AdversarialTrainingHandler", "FixedMarginHandler", "unwrap_network", "batch_ids"]
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module under a ``DistributedDataParallel`` / ``DataParallel`` wrapper: attacks need input gradients
-    only, and must not trigger the wrapper's gradient synchronisation."""
-    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
+__all__ = ["AdversarialBatch", "AdversarialTrainingHandler", "FixedMarginHandler", "batch_ids"]
 
 
 def batch_ids(batch: dict, id_key: str) -> list[str]:
