@@ -82,3 +82,31 @@ def test_calibration_handler_on_an_evaluator_matches_the_losses(tmp_path):
     xi = json.loads((tmp_path / "xi.json").read_text())
     assert [t["name"] for t in xi["terms"]] == ["dice", "ce"] and xi["terms"][0]["n"] == 6
     assert xi["xi"] == pytest.approx(expected.mean(0).tolist(), rel=1e-5)
+
+
+def test_calibration_writes_total_metric_and_feasibility(tmp_path):
+    from amat_monai.metrics import PresentClassDice
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 3, (8, 16), (2,), num_res_units=0, norm="instance").eval()
+    items = [{"image": torch.randn(1, 16, 16), "label": torch.randint(0, 3, (1, 16, 16))} for _ in range(6)]
+    loss = SegmentationLoss()
+    handler = XiCalibrationHandler(loss, tmp_path / "xi.json", condition_metric=PresentClassDice(),
+                                   metric_quantile=0.5, feasibility_eps=[0.0, 0.5], attack_steps=2)
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader(items, batch_size=4), network=net, val_handlers=[handler], decollate=False
+    )
+    evaluator.run()
+    x, y = torch.stack([i["image"] for i in items]), torch.stack([i["label"] for i in items])
+    with torch.no_grad():
+        pred = net(x)
+    terms, dice = loss(pred, y).double(), PresentClassDice()(pred, y).double()
+    xi = json.loads((tmp_path / "xi.json").read_text())
+    assert xi["total"]["xi"] == pytest.approx(float(terms.sum(1).mean()), rel=1e-5)
+    assert xi["metric"]["name"] == "dice_present" and xi["metric"]["xi"] == pytest.approx(float(dice.quantile(0.5)), rel=1e-5)
+    f = xi["feasibility"]
+    assert f["eps"] == [0.0, 0.5] and f["attack_steps"] == 2
+    assert f["terms"][0] == pytest.approx(float((terms < torch.tensor(xi["xi"], dtype=torch.float64)).all(1).double().mean()))
+    assert f["total"][0] == pytest.approx(float((terms.sum(1) < xi["total"]["xi"]).double().mean()))
+    assert f["metric"][0] == pytest.approx(float((dice > xi["metric"]["xi"]).double().mean()))
+    assert all(0.0 <= v <= 1.0 for k in ("terms", "total", "metric") for v in f[k])
