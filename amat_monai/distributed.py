@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -79,13 +80,13 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank (0 when not distributed), from ``ignite.distributed``."""
+    return idist.get_rank()
 
 
 def get_world_size() -> int:
-    """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Number of processes (1 when not distributed), from ``ignite.distributed``."""
+    return idist.get_world_size()
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -230,9 +231,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` when not distributed). ``obj`` must be picklable."""
     if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return list(idist.all_gather(obj))  # a picklable object gives one entry per rank, in rank order
 
 
 def sync_margins(table, ids: Sequence[str], values: torch.Tensor, trained_at: torch.Tensor | None = None) -> None:
