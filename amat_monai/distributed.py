@@ -231,7 +231,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` when not distributed). ``obj`` must be picklable."""
     if not is_distributed():
         return [obj]
-    return list(idist.all_gather(obj))  # a picklable object gives one entry per rank, in rank order
+    # torch's object gather, not idist.all_gather: that one concatenates tensors and pads them to one size
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def sync_margins(table, ids: Sequence[str], values: torch.Tensor, trained_at: torch.Tensor | None = None) -> None:

@@ -35,6 +35,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
 from amat_monai.checkpoints import atomic_write_text
+from amat_monai.distributed import all_gather_objects
 
 __all__ = [
     "map_coordinates",
@@ -231,7 +232,8 @@ class LandmarkErrorMetric(Metric):
     """Ignite metric for MONAI evaluators: the mean of a :class:`~amat_monai.metrics.LandmarkMetric` value.
 
     Reads the prediction from ``engine.state.output`` and the true coordinates (and original sizes, spacing)
-    from ``engine.state.batch``, so attach it to an evaluator with ``decollate=False``.
+    from ``engine.state.batch``, so attach it to an evaluator with ``decollate=False``. Under DDP the per-sample
+    values of every rank are gathered before the mean, so each rank reports the metric of the whole data set.
 
     Args:
         task_metric: the landmark metric (defines decoding, target key and spacing).
@@ -261,6 +263,7 @@ class LandmarkErrorMetric(Metric):
         if not self._values:
             raise RuntimeError("LandmarkErrorMetric saw no batch")
         v = torch.cat(self._values)
+        v = torch.cat([torch.as_tensor(part) for part in all_gather_objects(v)])  # every rank's, in rank order
         return float(v[torch.isfinite(v)].mean())
 
 

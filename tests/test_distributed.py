@@ -303,3 +303,26 @@ def test_autocast_and_channels_last_wrapping_keeps_module_and_float32_outputs():
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_landmark_metric_combines_every_ranks_samples(tmp_path):
+    script = tmp_path / "metric.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from amat_monai import distributed as D\n"
+        "from amat_monai.landmarks import LandmarkErrorMetric\n"
+        "D.init_process_group('cpu')\n"
+        "class PerSample:\n"
+        "    def per_sample(self, pred, batch):\n"
+        "        return {'mre': batch['v']}\n"
+        "m = LandmarkErrorMetric(PerSample())\n"
+        "m.reset()\n"
+        "m.update((None, {'v': torch.tensor([1.0, 2.0]) if dist.get_rank() == 0 else torch.tensor([6.0])}))\n"
+        "print('MEAN', dist.get_rank(), m.compute(), flush=True)\n"
+        "D.destroy_process_group()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    means = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("MEAN"))
+    assert means == [["0", "3.0"], ["1", "3.0"]]  # (1 + 2 + 6) / 3 on both ranks, not 1.5 and 6
