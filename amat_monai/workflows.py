@@ -82,11 +82,19 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    """The innermost error of a chain (MONAI wraps instantiation errors in ``RuntimeError``)."""
+    """The innermost error of a chain (MONAI wraps instantiation errors in ``RuntimeError``).
+
+    It follows ``raise ... from`` causes and implicit contexts, but stops at an error raised ``from None``: that
+    one was written to replace what it suppresses (e.g. "cannot read ...nii.gz: it is corrupt" instead of a bare
+    ``EOFError``), so its message is the one to show.
+    """
     seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    while id(e) not in seen:
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        inner = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+        if inner is None:
+            break
+        e = inner
     return e
 
 

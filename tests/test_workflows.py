@@ -109,3 +109,29 @@ def test_method_overlays_are_the_same_file_in_every_bundle():
         first = (bundles[0] / "configs" / name).read_bytes()
         for other in bundles[1:]:
             assert (other / "configs" / name).read_bytes() == first, f"{other.name}/configs/{name} differs from {bundles[0].name}'s"
+
+
+def test_root_cause_keeps_a_message_raised_from_none():
+    from amat_monai.workflows import _root_cause
+
+    def read():
+        try:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        except EOFError:
+            raise ValueError("cannot read case_004.nii.gz: it is corrupt") from None
+
+    try:
+        try:
+            read()
+        except ValueError as e:
+            raise RuntimeError("Failed to instantiate component 'DecathlonSliceDataset'") from e
+    except RuntimeError as wrapped:
+        root = _root_cause(wrapped)
+    assert isinstance(root, ValueError) and "case_004.nii.gz" in str(root)
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise RuntimeError("outer")  # an implicit context is followed
+    except RuntimeError as e:
+        assert isinstance(_root_cause(e), KeyError)
