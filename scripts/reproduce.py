@@ -113,24 +113,35 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 class Stages:
-    """Finished stages of one task, kept in ``stages.json`` (written atomically) with their wall time."""
+    """Finished stages of one task, kept in ``stages.json`` (written atomically) with their wall time.
+
+    Outputs are recorded relative to the folder of ``stages.json``, so that a finished study can be moved (or
+    restored from an archive) and resumed from its new place; absolute paths of older records still work.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
 
+    def _resolve(self, output: str) -> Path:
+        return Path(output) if Path(output).is_absolute() else self.path.parent / output
+
     def run(self, name: str, output: str, fn) -> str:
         """Run ``fn()`` (returning its output path) unless ``name`` finished before and ``output`` exists."""
         record = self.done.get(name)
-        if record and Path(record["output"]).exists():
+        if record and self._resolve(record["output"]).exists():
             print(f"[reproduce] {name}: done before ({record['seconds']:.0f} s), skipped", flush=True)
-            return record["output"]
+            return str(self._resolve(record["output"]))
         print(f"[reproduce] {name}: running (output {output})", flush=True)
         start = time.perf_counter()
-        result = str(fn())
-        self.done[name] = {"output": result, "seconds": time.perf_counter() - start}
+        result = Path(fn()).resolve()
+        try:
+            recorded = str(result.relative_to(self.path.parent.resolve()))
+        except ValueError:  # outside the study's folder
+            recorded = str(result)
+        self.done[name] = {"output": recorded, "seconds": time.perf_counter() - start}
         atomic_write_text(self.path, json.dumps(self.done, indent=2))
-        return result
+        return str(result)
 
 
 def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
