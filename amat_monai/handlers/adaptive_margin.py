@@ -165,7 +165,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
             return
         pred = engine.state.output[CommonKeys.PRED].detach()
         adv_pred = self.adversarial_prediction(pred)
-        adv_badness = self.condition.badness(adv_pred, cur.y, self._losses(adv_pred, cur.y))
+        adv_losses = self._losses(adv_pred, cur.y)
+        adv_badness = self.condition.badness(adv_pred, cur.y, adv_losses)
         passed = self.condition.passes(adv_badness).cpu()
         clean_pred = self.clean_prediction(pred)
         if clean_pred is None:  # adversarial_only: the trainer made no clean pass
@@ -176,7 +177,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         frozen = ~self.condition.passes(clean_badness).cpu() if self.freeze_clean_failures else None
         boundary = None
         if self.shrink == "halfway":
-            boundary = self._boundary_norms(engine, cur, adv_pred, adv_badness, clean_badness, ~passed)
+            boundary = self._boundary_norms(engine, cur, adv_pred, adv_losses, clean_badness, ~passed)
         margins = cur.margins.double().cpu()
         new = update_margins(margins, passed, self.delta, growth=self.growth, growth_factor=self.growth_factor,
                              shrink=self.shrink, boundary_norm=boundary, frozen=frozen, floor=self.floor,
@@ -193,10 +194,10 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
     def _losses(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_terms(self.loss_fn(pred, y), pred.shape[0])
 
-    def _boundary_norms(self, engine: Engine, cur, adv_pred, adv_badness, clean_badness, failing) -> torch.Tensor:
+    def _boundary_norms(self, engine: Engine, cur, adv_pred, adv_losses, clean_badness, failing) -> torch.Tensor:
         """Norm of each failing sample's boundary point, between its last passing and first failing iterate."""
         tracker: BoundaryTracker = cur.observer
-        tracker(self.steps, cur.x_adv - cur.x, self._losses(adv_pred, cur.y), adv_pred)  # the final iterate
+        tracker(self.steps, cur.x_adv - cur.x, adv_losses, adv_pred)  # the final iterate
         norms = torch.zeros(len(cur.ids), dtype=torch.float64)
         if not failing.any():
             return norms
