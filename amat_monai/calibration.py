@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from amat_monai.checkpoints import atomic_write_text, file_sha256
+from amat_monai.checkpoints import atomic_write_text, file_sha256, read_json
 
 __all__ = [
     "ESTIMATORS",
@@ -170,10 +170,7 @@ def load_xi(source: str | os.PathLike | list | tuple | float | dict) -> torch.Te
                 f"ξ file not found: {source} (AMAT needs thresholds from a normally trained model: "
                 "run `amat-monai calibrate` on the STD checkpoint first)"
             )
-        try:
-            source = json.loads(Path(source).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name} is not valid JSON: {e}") from None
+        source = read_json(source)
     values = source.get("xi") if isinstance(source, dict) else source
     try:
         xi = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
@@ -196,7 +193,7 @@ def load_thresholds(source: str | os.PathLike | list | tuple | float | dict, con
     name = str(source) if isinstance(source, (str, os.PathLike)) else "xi"
     if isinstance(source, (str, os.PathLike)):
         load_xi(source)  # the file's own checks, with their messages
-        source = json.loads(Path(source).read_text())
+        source = read_json(source)
     if not isinstance(source, dict):
         xi = load_xi(source)
         return {"xi": xi if condition == "terms" else float(xi.reshape(-1)[0]), "names": None}

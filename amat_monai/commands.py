@@ -11,16 +11,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
+
 from amat_monai.checkpoints import atomic_write_text
+from amat_monai.data.decathlon import read_case_list
 from amat_monai.reporting import load_report, paper_table, plot_runs
-from amat_monai.workflows import build_workflow, calibrate, parse_overrides, run_workflow, train
+from amat_monai.workflows import (
+    build_workflow,
+    calibrate,
+    config_files,
+    device_expression,
+    parse_overrides,
+    run_workflow,
+    train,
+)
 
 __all__ = ["train_command", "calibrate_command", "evaluate_command", "compare_command"]
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return parse_overrides(getattr(args, "override", None), allow_expr=getattr(args, "allow_expr", False))
+
+
 def train_command(args: argparse.Namespace) -> int:
     """``amat-monai train``."""
-    ovr = parse_overrides(getattr(args, "override", None))
+    ovr = _overrides(args)
+    if getattr(args, "resume", False):
+        ovr["resume"] = True
     if args.epochs is not None:
         ovr["epochs"] = int(args.epochs)
     if args.eps is not None:
@@ -49,7 +66,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     """``amat-monai calibrate``."""
-    ovr = parse_overrides(getattr(args, "override", None))
+    ovr = _overrides(args)
     if getattr(args, "metric_quantile", None) is not None:
         ovr["xi_metric_quantile"] = float(args.metric_quantile)
     path = calibrate(
@@ -75,6 +92,46 @@ _CLI_KEYS = {"attacks": "robust#attacks", "eps": "robust#eps", "steps": "robust#
              "restarts": "robust#restarts"}
 
 
+#: ``--split`` names -> the Decathlon sections of a bundle with ``test_section`` (hippocampus)
+_SECTIONS = {"test": "test", "validation": "validation", "train": "training", "all": "all"}
+#: ``--split`` names that mean another config id of a bundle with ``test_split`` (named lists: ceph)
+_LIST_ALIASES = {"validation": "@validate_split", "train": "@train_split"}
+
+
+def _case_selection(args: argparse.Namespace, config: dict, split_file: Path | None) -> dict[str, Any]:
+    """The overrides that choose the evaluated cases from ``--split`` / ``--cases``.
+
+    A bundle says how it selects its test cases: ``test_section`` (a section of a split of one folder, or
+    ``all`` of it; ``test_cases`` lists cases) or ``test_split`` (a named list, e.g. ceph's ``test2``, or a
+    text file of ids). The training run's ``split.json`` is used only for the split's own sections.
+    """
+    split, cases = getattr(args, "split", None), getattr(args, "cases", None)
+    if split is not None and cases is not None:
+        raise ValueError("give --split or --cases, not both")
+    ovr: dict[str, Any] = {}
+    if "test_section" in config:
+        if cases is not None:
+            ovr["test_cases"] = read_case_list(cases)
+        elif split is not None:
+            if split not in _SECTIONS:
+                raise ValueError(f"--split must be one of {', '.join(_SECTIONS)} for {args.bundle}, got {split!r}")
+            ovr["test_section"] = _SECTIONS[split]
+        if split_file is not None and cases is None and split != "all":
+            ovr["split_file"] = str(split_file)
+    elif "test_split" in config:
+        if cases is not None:
+            ovr["test_split"] = str(Path(cases).resolve())
+        elif split == "all":
+            raise ValueError(f"--split all: {args.bundle} evaluates named lists; name one (e.g. test1, test2) or "
+                             "give --cases FILE")
+        elif split is not None and split != "test":
+            ovr["test_split"] = _LIST_ALIASES.get(split, split)
+    elif split is not None or cases is not None:
+        raise ValueError(f"{args.bundle}: its configs have neither test_section nor test_split, so --split and "
+                         "--cases cannot choose its cases")
+    return ovr
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     """``amat-monai evaluate``: robust evaluation of a bundle's checkpoint on its test split.
 
@@ -82,7 +139,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     ``ConfigWorkflow``, with ``dataset_dir``, ``output_dir``, ``max_cases``, ``device`` and ``checkpoint``
     overridden, and the ``robust`` section overridden by ``--attacks``, ``--eps``, ``--steps``, ``--norm``
     and ``--restarts`` when given. When the checkpoint lies in ``<run>/models/`` and ``<run>/split.json``
-    exists, that split file is used, so the test split is the one the model was trained against.
+    exists, that split file is used, so the test split is the one the model was trained against; ``--split``
+    and ``--cases`` choose other cases (see :func:`_case_selection`), ``--max-cases`` keeps the first N of them.
     """
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -97,15 +155,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.max_cases is not None:
         ovr["max_cases"] = int(args.max_cases)
     if args.device is not None:
-        ovr["device"] = f"$torch.device('{args.device}')"
+        ovr["device"] = device_expression(args.device)
     split = checkpoint.resolve().parent.parent / "split.json"
-    if checkpoint.resolve().parent.name == "models" and split.is_file():
-        ovr["split_file"] = str(split)
+    run_split = split if checkpoint.resolve().parent.name == "models" and split.is_file() else None
+    config = ConfigParser.load_config_files(config_files(args.bundle, ["train.json", "robust_evaluate.json"]))
+    ovr.update(_case_selection(args, config, run_split))
     for option, key in _CLI_KEYS.items():
         value = getattr(args, option, None)
         if value is not None:
             ovr[key] = value
-    ovr.update(parse_overrides(getattr(args, "override", None)))
+    ovr.update(_overrides(args))
     workflow = build_workflow(args.bundle, ["train.json", "robust_evaluate.json"], "infer", **ovr)
     results = run_workflow(workflow)
     report = next((r for r in reversed(results or []) if isinstance(r, dict) and "results" in r), None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -129,6 +130,19 @@ class MetricCondition(ExpandCondition):
         return (self.sign * scores.double())[:, None]
 
 
+def _check_terms(source: Any, thresholds: dict, loss_fn: LossFn | None) -> None:
+    """Fail before training when the ξ file was calibrated for another loss (other number or names of terms)."""
+    loss_names = list(getattr(loss_fn, "term_names", None) or ())
+    xi_names = list(thresholds.get("names") or ())
+    count = thresholds["xi"].numel()
+    where = source if isinstance(source, (str, os.PathLike)) else "xi"
+    if loss_names and (count != len(loss_names) or (xi_names and xi_names != loss_names)):
+        raise ValueError(
+            f"{where} holds {count} thresholds{f' {xi_names}' if xi_names else ''} but the loss has {len(loss_names)} terms "
+            f"{loss_names}: it was calibrated for another bundle or loss; run `amat-monai calibrate` with this bundle"
+        )
+
+
 def make_condition(
     condition: str,
     xi: str | os.PathLike | dict | Sequence[float] | float,
@@ -148,6 +162,7 @@ def make_condition(
         raise ValueError("condition='metric' needs a score function (the bundle's condition_metric)")
     thresholds = load_thresholds(xi, condition)
     if condition == "terms":
+        _check_terms(xi, thresholds, loss_fn)
         return LossTermsCondition(thresholds["xi"], thresholds.get("names") or getattr(loss_fn, "term_names", None),
                                   terms)
     if terms is not None:

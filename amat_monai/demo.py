@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
         make_synthetic_decathlon(data, **DEMO_SETTINGS["data"])
     common = dict(DEMO_SETTINGS["bundle"])
     runs = out / "runs"
+    if runs.exists():  # the demo retrains every model: an earlier demo's runs are replaced, not resumed
+        shutil.rmtree(runs)
     models = {}
 
     std, adv, z = DEMO_SETTINGS["std"], DEMO_SETTINGS["adversarial"], DEMO_SETTINGS["calibrate"]["z"]
@@ -143,7 +146,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
     table = _table(reports)
     xi_values = json.loads(Path(xi).read_text())["xi"]
 
-    margins = torch.load(latest_checkpoint(runs / "amat" / "models"), weights_only=False)["adversarial"]["margins"]
+    margins = torch.load(latest_checkpoint(runs / "amat" / "models"), weights_only=True)["adversarial"]["margins"]
     m = torch.as_tensor(margins["margins"], dtype=torch.float64)
     n = next(iter(reports.values()))["n_samples"]
     failed = {k: r["sanity"]["warnings"] for k, r in reports.items() if r["sanity"].get("passed") is False}

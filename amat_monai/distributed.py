@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 #: the state every rank must share.
 RANK_ZERO_ONLY = (
     "CheckpointSaver",
+    "EpochCheckpointSaver",
+    "FinalModelSaver",
+    "AdversarialStatsHandler",
     "StatsHandler",
     "TensorBoardStatsHandler",
     "TensorBoardImageHandler",

@@ -15,16 +15,19 @@ Python use::
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.utils import ID_SEP_KEY
 
 from amat_monai import distributed
 from amat_monai.checkpoints import atomic_write_text, file_sha256
@@ -33,7 +36,9 @@ __all__ = [
     "METHOD_CONFIGS",
     "config_files",
     "parse_overrides",
+    "check_override_keys",
     "common_overrides",
+    "device_expression",
     "build_workflow",
     "run_workflow",
     "train",
@@ -67,18 +72,64 @@ def config_files(bundle: str | os.PathLike, names: Sequence[str]) -> list[str]:
     return files
 
 
-def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["KEY=JSON", ...]`` -> ``{KEY: value}``; values that are not JSON are kept as strings."""
+def _expressions(value: Any) -> list[str]:
+    """The strings in ``value`` (nested lists / dicts too) that MONAI would run (``$``) or read as a macro (``%``)."""
+    if isinstance(value, str):
+        return [value] if value.startswith(("$", "%")) else []
+    if isinstance(value, (list, tuple)):
+        return [e for v in value for e in _expressions(v)]
+    if isinstance(value, dict):
+        return [e for v in value.values() for e in _expressions(v)]
+    return []
+
+
+def parse_overrides(items: Sequence[str] | None, allow_expr: bool = False) -> dict[str, Any]:
+    """``["KEY=JSON", ...]`` -> ``{KEY: value}``.
+
+    Values must be JSON (a string is written with its quotes: ``'name="text"'``). A MONAI expression (``$...``)
+    or macro (``%...``) runs code or reads files when the config is parsed, so it is refused unless
+    ``allow_expr``: a wrapper may pass on values it did not write. Whether KEY exists is checked by
+    :func:`build_workflow`, which knows the bundle's config.
+    """
     out: dict[str, Any] = {}
     for text in items or []:
-        if "=" not in text:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--override expects KEY=JSON, got {text!r}")
-        key, value = text.split("=", 1)
         try:
-            out[key.strip()] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
+            hint = f"; a string needs JSON quotes: {key}='\"{value}\"'" if value and value[0] not in "[{\"" else ""
+            raise ValueError(f"--override {text}: the value is not JSON{hint}") from None
+        if not allow_expr and _expressions(out[key]):
+            raise ValueError(
+                f"--override {text}: {_expressions(out[key])[0]!r} is a MONAI expression or macro, which runs code "
+                "when the config is parsed; pass --allow-expr to allow it"
+            )
     return out
+
+
+def check_override_keys(config: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
+    """Raise ``KeyError`` for an override key that is not in the merged config, with the closest key as a hint.
+
+    A nested key (``robust#eps``) must exist under its parent; a typo would otherwise be added as a new, unused
+    key and silently ignored.
+    """
+    for key in keys:
+        *parents, last = re.split(rf"#|{ID_SEP_KEY}", key)  # MONAI accepts both separators
+        node: Any = config
+        for part in parents:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and last in node:
+            continue
+        choices = ["#".join([*parents, k]) for k in node] if isinstance(node, Mapping) else []
+        close = difflib.get_close_matches(key, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown key {key!r} in {where}{hint}")
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -103,6 +154,8 @@ def build_workflow(
 ) -> ConfigWorkflow:
     """A ``ConfigWorkflow`` on ``bundle``'s configs ``names`` (merged in order) with ``bundle_root`` set."""
     files = config_files(bundle, names)
+    check_override_keys(ConfigParser.load_config_files(files), list(overrides),
+                        f"{bundle}'s configs {', '.join(names)}")
     bundle_root = str(Path(bundle).resolve())
     meta = os.path.join(bundle_root, "configs", "metadata.json")
     logging_file = os.path.join(bundle_root, "configs", "logging.conf")
@@ -150,8 +203,23 @@ def common_overrides(dataset_dir, output_dir, max_cases=None, device=None, check
     if max_cases is not None:
         out["max_cases"] = int(max_cases)
     if device is not None:
-        out["device"] = f"$torch.device('{device}')"
+        out["device"] = device_expression(device)
     return out
+
+
+def device_expression(device: str) -> str:
+    """The config expression for ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``), checked here first.
+
+    Raises:
+        ValueError: for an unknown device name, or CUDA when this torch sees no CUDA device.
+    """
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, {build}); "
+                         "use --device cpu")
+    return f"$torch.device('{device}')"
 
 
 def _value(workflow: ConfigWorkflow, key: str) -> Any:

@@ -131,6 +131,8 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
     def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
         run_dir = work / "runs" / name
         resume = latest_checkpoint(run_dir / "models") is not None
+        if not resume and run_dir.exists() and not (run_dir / "models" / "model.pt").exists():
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: the stage starts over in a clean folder
         kwargs = {**settings["common"], "device": device, "resume": resume}
         if method == "std":
             kwargs.update(settings["std"])

@@ -160,6 +160,8 @@ def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | 
         run_dir = work / "runs" / name
         # an interrupted stage continues from its latest checkpoint (which already holds the fine-tuned weights)
         resume = latest_checkpoint(run_dir / "models") is not None
+        if not resume and run_dir.exists() and not (run_dir / "models" / "model.pt").exists():
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: the stage starts over in a clean folder
         common = {**settings["common"], "device": device, "resume": resume}
         if method == "std":
             kwargs = {**settings["std"], **common}

@@ -150,10 +150,9 @@ def test_amat_margins_grow_from_delta_and_stay_in_range():
 
 
 def test_amat_rejects_a_loss_with_another_number_of_terms():
-    handler = AdaptiveMarginHandler(TERMS, xi=[0.5], delta=0.5, steps=1)
-    trainer, _ = _trainer(handler, epoch_length=1)
-    with pytest.raises(ValueError, match="thresholds"):
-        trainer.run()
+    # refused when the handler is built, before any training iteration
+    with pytest.raises(ValueError, match=r"xi holds 1 thresholds but the loss has 2 terms \['dice', 'ce'\]"):
+        AdaptiveMarginHandler(TERMS, xi=[0.5], delta=0.5, steps=1)
 
 
 def test_missing_sample_id_is_a_clear_error():

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from argparse import Namespace
 from pathlib import Path
@@ -417,6 +418,25 @@ def test_infer_segmentation_returns_the_expected_label_volume(tiny_server, tmp_p
     np.testing.assert_array_equal(np.asarray(label.dataobj), expected)
     assert set(np.unique(expected)) == {0, 1, 2}
     np.testing.assert_allclose(label.affine, SEG_AFFINE, atol=1e-5)
+
+
+@needs_label_env
+def test_infer_refuses_any_image_that_is_not_an_id_of_the_studies_folder(tiny_server, tmp_path):
+    server, _ = tiny_server
+    outside = tmp_path / "outside.nii.gz"  # a valid volume that stock MONAI Label would segment (HTTP 200)
+    shutil.copy(server.studies / "volume_0.nii.gz", outside)
+    relative = os.path.relpath(outside, os.getcwd())  # the server runs in this process's folder
+    assert relative.startswith("..")
+    for image in (str(outside), relative, str(server.studies / "volume_0.nii.gz"), "no_such_id", ""):
+        query = urllib.parse.urlencode({"image": image, "output": "json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _request(f"{server.url}/infer/tiny_seg?{query}", method="POST")
+        assert e.value.code == (404 if image else 500), image  # MONAI Label's own answer to a missing image
+        detail = json.loads(e.value.read())["detail"]
+        if image:
+            assert f"image {image!r} is not an image of the studies folder" in detail
+    assert "refused /infer image" in server.log_tail(20000)
+    server.infer("tiny_seg", "volume_0", "json")  # ids still work
 
 
 @needs_label_env

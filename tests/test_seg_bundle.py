@@ -172,12 +172,11 @@ def test_failed_run_keeps_the_good_checkpoint(task, std_run, tmp_path):
     run(workflow(["train.json"], dataset_dir=task, output_dir=str(tmp_path)))
     model = tmp_path / "models" / "model.pt"
     before = {p.name: file_sha256(p) for p in (tmp_path / "models").iterdir()}
-    # a second run in the same folder fails during its first iteration
-    boom = {"_target_": "amat_monai.handlers.FixedMarginHandler", "eps": 1.0, "steps": 1,
-            "loss_fn": "$lambda p, y: (_ for _ in ()).throw(RuntimeError('boom in the middle of training'))"}
+    # the run, resumed in the same folder, fails during its first iteration
+    boom = "$lambda p, y: (_ for _ in ()).throw(RuntimeError('boom in the middle of training'))"
     with pytest.raises(RuntimeError, match="boom in the middle of training"):
-        run_workflow(workflow(["train.json"], dataset_dir=task, output_dir=str(tmp_path), adversarial_handler=boom,
-                              epochs=3))
+        run_workflow(workflow(["train.json"], dataset_dir=task, output_dir=str(tmp_path), loss=boom, epochs=3,
+                              resume=True))
     after = {p.name: file_sha256(p) for p in (tmp_path / "models").iterdir()}
     assert after == before and model.is_file()
 

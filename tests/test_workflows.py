@@ -31,10 +31,15 @@ def task(tmp_path_factory) -> str:
 
 
 def test_parse_overrides():
-    assert parse_overrides(["epochs=3", "patch_size=[32, 24]", "name=plain text", "flag=true"]) == {
+    assert parse_overrides(["epochs=3", "patch_size=[32, 24]", 'name="plain text"', "flag=true"]) == {
         "epochs": 3, "patch_size": [32, 24], "name": "plain text", "flag": True}
     with pytest.raises(ValueError, match="KEY=JSON"):
         parse_overrides(["epochs"])
+    with pytest.raises(ValueError, match="the value is not JSON; a string needs JSON quotes: name='\"plain text\"'"):
+        parse_overrides(["name=plain text"])
+    with pytest.raises(ValueError, match="MONAI expression"):
+        parse_overrides(['nested={"a": ["%configs/other.json#key"]}'])
+    assert parse_overrides(['lr="$1e-3 * 2"'], allow_expr=True) == {"lr": "$1e-3 * 2"}
 
 
 def test_python_api_std_calibrate_amat(task, tmp_path):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from amat_monai.checkpoints import read_json
+
 __all__ = [
     "CEPH_ORIGINAL_SIZE",
     "CEPH_SPACING_MM",
@@ -97,23 +99,26 @@ def read_split(root: str | os.PathLike, split: str | Sequence[str], split_file: 
         return ids
     if split_file:
         path = Path(split_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"split file not found: {path}")
-        splits = json.loads(path.read_text())
+        splits = read_json(path, "split file")
+        if not isinstance(splits, dict):
+            raise ValueError(f"{path}: a split file maps split names to lists of image ids")
         if split not in splits:
             raise ValueError(f"{path}: no split {split!r} (has {sorted(splits)})")
         return [str(i) for i in splits[split]]
-    path = Path(split) if split.endswith(".txt") else Path(root) / f"{split}.txt"
+    path = Path(split) if split.endswith(".txt") or os.sep in split else Path(root) / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"split list not found: {path} (expected one image id per line)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lists = sorted(f.stem for f in Path(root).glob("*.txt"))
+        raise FileNotFoundError(f"split list not found: {path} (the lists of {root} are {lists}; a list is a text "
+                                "file with one image id per line)")
+    ids = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [i for i in ids if i]
 
 
 def _meta(root: Path) -> tuple[list[int], float]:
     path = root / "meta.json"
     if not path.is_file():
         return list(CEPH_ORIGINAL_SIZE), CEPH_SPACING_MM
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     size = [int(v) for v in meta.get("original_size", CEPH_ORIGINAL_SIZE)]
     if len(size) != 2:
         raise ValueError(f"{path}: original_size must be [H, W], got {size}")

@@ -34,7 +34,7 @@ from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import LoadImage, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
-from amat_monai.checkpoints import atomic_write_text
+from amat_monai.checkpoints import atomic_write_text, read_json
 
 __all__ = [
     "SECTIONS",
@@ -48,6 +48,7 @@ __all__ = [
     "volume_to_slices",
     "to_nnunet_axes",
     "DecathlonSliceDataset",
+    "read_case_list",
 ]
 
 SECTIONS = ("training", "validation", "test")
@@ -65,10 +66,7 @@ def _read_dataset_json(dataset_dir: str | os.PathLike) -> dict:
             f"{path} not found: dataset_dir must be a Medical Segmentation Decathlon task folder "
             "(dataset.json, imagesTr/, labelsTr/)"
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path)
 
 
 def decathlon_info(dataset_dir: str | os.PathLike) -> dict:
@@ -172,16 +170,17 @@ def load_split(
     names is in the data set.
     """
     if split_file is not None and Path(split_file).is_file():
+        split = read_json(split_file, "split file")
         try:
-            split = json.loads(Path(split_file).read_text())
             split = {s: [str(c) for c in split[s]] for s in SECTIONS}
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"split file {split_file} is not a valid split ({e!r}); expected lists under {SECTIONS}") from e
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"split file {split_file} is not a valid split ({e!r}); expected lists under {SECTIONS}") from None
         unknown = sorted(set().union(*split.values()) - set(cases))
         if unknown:
             raise ValueError(
                 f"split file {split_file} names {len(unknown)} cases that are not in the data set "
-                f"(e.g. {unknown[:3]}); delete it or point split_file elsewhere"
+                f"(e.g. {unknown[:3]}): delete it or point split_file elsewhere; to evaluate on another data set, "
+                "take all of its cases or a list of them (`amat-monai evaluate --split all` or `--cases FILE`)"
             )
         return split
     split = split_cases(cases, seed, fractions)
@@ -234,6 +233,10 @@ def load_case(image_path: str, label_path: str, num_classes: int, in_channels: i
         )
     flat = image.reshape(image.shape[0], -1).astype(np.float64)
     mean, std = flat.mean(axis=1), flat.std(axis=1)
+    if (std == 0).any():
+        # a blank channel (e.g. an export that lost its intensities) trains silently on nothing
+        logger.warning(f"{image_path}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant "
+                       f"(every voxel {mean[std == 0].tolist()}); the case carries no image information")
     image = ((image - mean[:, None, None, None]) / np.maximum(std, 1e-8)[:, None, None, None]).astype(np.float32)
     return image, label.astype(np.int64)
 
@@ -289,23 +292,45 @@ def volume_to_slices(
     return items
 
 
+def read_case_list(path: str | os.PathLike) -> list[str]:
+    """Case ids from a text file, one per line (blank lines and ``#`` comments skipped).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file when it is missing or names no case.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"case list not found: {path}")
+    cases = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    cases = [c for c in cases if c]
+    if not cases:
+        raise ValueError(f"case list {path} names no case (expected one case id per line)")
+    return cases
+
+
 class DecathlonSliceDataset(Dataset):
-    """One section (training / validation / test) of a Decathlon task, as in-memory 2D slices.
+    """One section (training / validation / test / all) or a list of cases of a Decathlon task, as in-memory
+    2D slices.
 
     Args:
         dataset_dir: the task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
-        section: ``"training"``, ``"validation"`` or ``"test"``.
+        section: ``"training"``, ``"validation"``, ``"test"`` (of the split) or ``"all"`` (every case of
+            ``dataset.json``, no split: e.g. another site's data that a model never saw).
         patch_size: ``(H, W)`` of every slice (nnU-Net's 2D patch; 56×40 for hippocampus).
         slices: which slices to keep, see :func:`volume_to_slices`.
         split_file: JSON split to read, or to write when missing; ``None`` computes it without writing.
-        max_cases: use only the first ``max_cases`` cases of ``dataset.json`` before splitting.
+        max_cases: limits the cases. A new split is made of the first ``max_cases`` cases of ``dataset.json``
+            (quick training runs); a section read from an existing split file, ``"all"`` or ``cases`` keeps its
+            first ``max_cases`` cases, so evaluating fewer (or more) cases than a run was trained with works.
         seed: split seed.
         fractions: training and validation fractions of the cases.
+        cases: case ids (names of ``dataset.json``'s images, e.g. ``hippocampus_001``) to use instead of a
+            section, or the path of a text file listing them (:func:`read_case_list`).
         transform: optional MONAI transform applied to each item (e.g. augmentation).
 
     Raises:
-        ValueError: when the section has no case or no slice (naming the split file), or a case is bad
-            (naming the file, see :func:`load_case`).
+        ValueError: when the section has no case or no slice (naming the split file), a listed case is not
+            in the data set, or a case is bad (naming the file, see :func:`load_case`).
     """
 
     def __init__(
@@ -318,22 +343,39 @@ class DecathlonSliceDataset(Dataset):
         max_cases: int | None = None,
         seed: int = 0,
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        cases: Sequence[str] | str | os.PathLike | None = None,
         transform=None,
     ) -> None:
-        if section not in SECTIONS:
-            raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
+        if cases is None and section not in (*SECTIONS, "all"):
+            raise ValueError(f"section must be one of {(*SECTIONS, 'all')}, got {section!r}")
         if len(patch_size) != 2:
             raise ValueError(f"patch_size must be (H, W), got {list(patch_size)}")
+        if max_cases is not None and int(max_cases) < 1:
+            raise ValueError(f"max_cases must be >= 1 or null, got {max_cases}")
         info = decathlon_info(dataset_dir)
-        datalist = load_datalist(dataset_dir, max_cases)
-        split = load_split([c["case"] for c in datalist], split_file, seed, fractions)
-        wanted = set(split[section])
-        where = f"split file {split_file}" if split_file else f"the split of {dataset_dir}"
+        if isinstance(cases, (str, os.PathLike)):
+            cases = read_case_list(cases)
+        new_split = cases is None and section != "all" and not (split_file and Path(split_file).is_file())
+        datalist = load_datalist(dataset_dir, max_cases if new_split else None)
+        names = [c["case"] for c in datalist]
+        if cases is not None:
+            unknown = [c for c in cases if c not in set(names)]
+            if unknown:
+                raise ValueError(f"{len(unknown)} listed case(s) are not in {Path(dataset_dir) / 'dataset.json'}: "
+                                 f"{unknown[:5]} (it has e.g. {names[:3]})")
+            wanted, where, section = set(cases), "the case list", "cases"
+        elif section == "all":
+            wanted, where = set(names), str(Path(dataset_dir) / "dataset.json")
+        else:
+            wanted = set(load_split(names, split_file, seed, fractions)[section])
+            where = f"split file {split_file}" if split_file else f"the split of {dataset_dir}"
         if not wanted:
             raise ValueError(f"the {section} section of {where} is empty")
         self.info = info
         self.section = section
         self.cases = [c for c in datalist if c["case"] in wanted]
+        if max_cases is not None and not new_split:
+            self.cases = self.cases[: int(max_cases)]
         items: list[dict] = []
         for c in self.cases:
             image, label = load_case(c["image"], c["label"], info["num_classes"], info["in_channels"])

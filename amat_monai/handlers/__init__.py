@@ -1,6 +1,8 @@
-"""Ignite handlers that turn a MONAI ``SupervisedTrainer`` into VAT, AMAT or TEAT, and calibrate ξ."""
+"""Ignite handlers that turn a MONAI ``SupervisedTrainer`` into VAT, AMAT or TEAT, calibrate ξ, and record the
+adversarial statistics of an epoch."""
 
 from amat_monai.handlers.adaptive_margin import AdaptiveMarginHandler
+from amat_monai.handlers.adversarial_stats import AdversarialStatsHandler
 from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler, FixedMarginHandler
 from amat_monai.handlers.temporal_ensembling import TemporalEnsemblingHandler
 from amat_monai.handlers.xi_calibration import XiCalibrationHandler
@@ -10,5 +12,6 @@ __all__ = [
     "FixedMarginHandler",
     "AdaptiveMarginHandler",
     "TemporalEnsemblingHandler",
+    "AdversarialStatsHandler",
     "XiCalibrationHandler",
 ]

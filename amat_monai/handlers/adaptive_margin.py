@@ -221,10 +221,17 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
     def _reset_counts(self, engine: Engine | None = None) -> None:
         self._epoch_counts = torch.zeros(len(OUTCOMES), dtype=torch.long)
 
+    def epoch_summary(self) -> dict:
+        """The margins now and this epoch's outcome counts so far: ``{"margins": summary, "outcomes": {name:
+        count}, "values": [N] margins}`` (what :meth:`record_epoch` records and
+        :class:`~amat_monai.handlers.AdversarialStatsHandler` plots)."""
+        return {"margins": self.table.summary(), "outcomes": dict(zip(OUTCOMES, self._epoch_counts.tolist())),
+                "values": self.table.values()}
+
     def record_epoch(self, engine: Engine) -> None:
         """Append this epoch's margin summary to :attr:`history`, log it, and write ``history_path``."""
-        summary = self.table.summary()
-        counts = dict(zip(OUTCOMES, self._epoch_counts.tolist()))
+        now = self.epoch_summary()
+        summary, counts = now["margins"], now["outcomes"]
         self.history.append({"epoch": int(engine.state.epoch), "margins": summary, "outcomes": counts})
         self._margins_per_epoch.append([round(v, 4) for v in self.table.values().tolist()])
         if self.log_every > 0 and engine.state.epoch % self.log_every == 0:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tempfile
 
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from amat_monai.label.infer import bundle_task
 
-__all__ = ["AmatLabelApp", "parse_bundles"]
+__all__ = ["AmatLabelApp", "parse_bundles", "is_upload"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,21 @@ def parse_bundles(value: str | None) -> dict[str, str]:
     return bundles
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def is_upload(path: str) -> bool:
+    """Whether ``path`` is a file that MONAI Label's ``/infer`` wrote itself for an uploaded image (a
+    ``NamedTemporaryFile`` in the temporary folder: ``tmp`` + 8 characters + the upload's suffix)."""
+    return (
+        os.path.dirname(path) == tempfile.gettempdir()
+        and re.fullmatch(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+)*", os.path.basename(path)) is not None
+        and os.path.isfile(path)
+    )
+
+
 class AmatLabelApp(MONAILabelApp):
     """Serves local MONAI bundles (segmentation and landmarks) for 3D Slicer / OHIF."""
 
@@ -61,6 +79,37 @@ class AmatLabelApp(MONAILabelApp):
             description="Adversarially robust (AMAT) segmentation and landmark bundles",
             version=__version__,
         )
+
+    def resolve_image(self, image: str, datastore) -> str:
+        """The file to run inference on for the request's ``image``: a datastore image id becomes its file in the
+        studies folder; an uploaded image or a session's image is kept.
+
+        MONAI Label itself reads any path that exists (``image=/etc/...`` or ``../..``) and reads its working
+        folder as a DICOM series for an unknown id. Here anything else is refused.
+
+        Raises:
+            HTTPException: 404, naming the id, for anything that is not one of the studies folder's images.
+        """
+        if image in set(datastore.list_images()):
+            uri = datastore.get_image_uri(image)
+            if uri and _inside(uri, self.studies) and os.path.exists(uri):
+                return uri
+        elif is_upload(image):
+            return image
+        elif self.sessions() is not None and self.sessions().store_path and _inside(image, self.sessions().store_path):
+            return image
+        logger.warning(f"refused /infer image {image!r}: not an image id of the studies folder")
+        raise HTTPException(
+            status_code=404,
+            detail=f"image {image!r} is not an image of the studies folder {self.studies}: pass one of the ids "
+            "that /datastore/ lists (paths are not accepted)",
+        )
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        if isinstance(request.get("image"), str):
+            datastore = datastore or self.datastore()
+            request = {**request, "image": self.resolve_image(request["image"], datastore)}
+        return super().infer(request, datastore)
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
