@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,7 +86,9 @@ def test_monai_bundle_run_with_mlflow_tracking_logs_to_a_local_store(task, tmp_p
            "--tracking", "mlflow", "--dataset_dir", str(task), "--output_dir", str(out), "--device",
            "$torch.device('cpu')", "--eps", "0.5", *overrides]
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="")
-    done = subprocess.run(cmd, cwd=SEG, env=env, capture_output=True, text=True, timeout=300)
+    bundle = tmp_path / "hippocampus_seg"  # a copy: MLflow leaves an empty ./mlruns (its Default experiment) in the cwd
+    shutil.copytree(SEG / "configs", bundle / "configs")
+    done = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "mlruns.db").is_file() and (out / "tensorboard").is_dir()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")

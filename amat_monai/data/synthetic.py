@@ -19,7 +19,8 @@ import numpy as np
 __all__ = ["make_synthetic_decathlon"]
 
 
-def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contrast: float, noise: float):
+def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contrast: float, noise: float,
+          texture: float = 0.0):
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), axis=-1)
     centre = np.array(shape) / 2 + rng.uniform(-1.5, 1.5, 3)
     # the two structures touch along a random in-plane direction (axes 0 and 1; slices are cut along axis 2),
@@ -32,14 +33,20 @@ def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contras
     offset = axis * radii[:2].mean() * 0.9
     label = np.zeros(shape, dtype=np.uint8)
     for cls, sign in ((1, -1.0), (2, 1.0)):
-        d = (((grid - (centre + sign * offset)) / radii) ** 2).sum(axis=-1)
+        # with a texture the classes also differ in shape: class 1 round, class 2 stretched across the axis
+        stretch = np.ones(3) if texture == 0 else np.array([0.85, 0.85, 1.0]) if cls == 1 else np.array([1.0, 1.35, 1.0])
+        d = (((grid - (centre + sign * offset)) / (radii * stretch)) ** 2).sum(axis=-1)
         label[(d <= 1.0) & (label == 0)] = cls
     # smooth background (a random linear bias field) + structure contrast + noise; classes differ slightly
     bias = (grid - centre) @ rng.normal(scale=0.02, size=3)
     images = []
     for ch in range(channels):
         gain = 1.0 + 0.3 * ch
-        img = 1.0 + bias + gain * contrast * (label == 1) + gain * 0.6 * contrast * (label == 2)
+        if texture == 0:
+            img = 1.0 + bias + gain * contrast * (label == 1) + gain * 0.6 * contrast * (label == 2)
+        else:  # equally bright structures; class 1 carries a faint voxel checkerboard, class 2 none
+            checker = (-1.0) ** grid.sum(axis=-1).astype(np.int64)
+            img = 1.0 + bias + gain * contrast * (label > 0) + gain * texture * contrast * checker * (label == 1)
         img = img + rng.normal(scale=noise, size=shape)
         images.append((100.0 * img).astype(np.float32))  # arbitrary scanner units: the loader z-scores them
     image = images[0] if channels == 1 else np.stack(images, axis=-1)  # Decathlon stores channels last (4D)
@@ -55,6 +62,7 @@ def make_synthetic_decathlon(
     noise: float = 0.25,
     seed: int = 0,
     name: str = "synthetic",
+    texture: float = 0.0,
 ) -> str:
     """Write a synthetic Decathlon task and return its folder.
 
@@ -67,6 +75,10 @@ def make_synthetic_decathlon(
         noise: standard deviation of the Gaussian noise, same units.
         seed: random seed (the data set is a deterministic function of the arguments).
         name: case name prefix.
+        texture: 0 (default): class 2 is dimmer than class 1. Above 0: the two structures are equally bright
+            and told apart by shape (class 1 round, class 2 stretched) and by a faint voxel checkerboard of this
+            amplitude (in units of ``contrast``) on class 1 only: a shortcut that a normally trained network
+            takes and that a small perturbation erases (the demo's task).
     """
     if num_cases < 1 or channels < 1:
         raise ValueError(f"num_cases and channels must be >= 1, got {num_cases}, {channels}")
@@ -77,7 +89,7 @@ def make_synthetic_decathlon(
     training = []
     for i in range(num_cases):
         shape = [int(rng.integers(lo, hi + 1)) for lo, hi in shape_range]
-        image, label = _case(rng, shape, channels, contrast, noise)
+        image, label = _case(rng, shape, channels, contrast, noise, texture)
         case = f"{name}_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / case))
         nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / case))

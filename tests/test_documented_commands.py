@@ -1,0 +1,127 @@
+"""Every training, calibration and evaluation command that the README and the bundles' docs show, run as
+written.
+
+Each ```bash block of a document is run as one bash script in a fresh subprocess, in a scratch folder that
+holds a copy of ``bundles/`` (so ``cd bundles/...`` and relative paths work as documented), on the real data in
+``$AMAT_DATA_DIR``. Only tiny settings are appended to each ``amat-monai train / calibrate / evaluate`` and
+``python -m monai.bundle run`` line (one epoch, a few cases, a small network, the CPU, 3 / 2 attack steps), and
+an epoch count, case count or step count the document gives is replaced by the tiny one. Shell set-up lines (``cd``, variables, ``for`` loops) run as written;
+other commands (``make``, ``pip``, the MONAI Label server and ``curl``, benchmarks) are left out and listed in
+the test's output. A documented command that fails, or that depends on a file no earlier command of the
+document makes, fails this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, SEG_TINY
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+DOCS = ["README.md", "bundles/hippocampus_seg/docs/README.md", "bundles/ceph_landmarks/docs/README.md",
+        "docs/PERFORMANCE.md"]
+CEPH_TINY = {"image_size": [48, 40], "radius": 3.0, "features": [4, 4, 8, 8, 16, 4], "batch_size": 2,
+             "validate_max_cases": 2}
+MAX_CASES = {"seg": 4, "ceph": 2}
+STEPS = "3,2"  # PGD, IFGSM
+#: the network's shape: not overridden for a command that loads a shipped model (bundles/<b>/models/model.pt)
+SHAPE_KEYS = ("patch_size", "network_filters", "network_kernels", "network_strides", "image_size", "features", "radius")
+
+_RUN = re.compile(r"^((?:[A-Z_]+=\S+ )*)(amat-monai (?:train|calibrate|evaluate|compare)|python -m monai\.bundle run"
+                  r"|torchrun .*-m monai\.bundle run)\b")
+_SHELL = re.compile(r"^(cd |for |done\b|[A-Za-z_]+=\S*(?: [A-Za-z_]+=\S*)*$|[A-Za-z_]+=\S*;)")
+#: placeholders the documents use for folders of the reader's own
+_PLACEHOLDERS = {"/path/to/other_site/Task04_Hippocampus": "{other_site}"}
+
+
+def _blocks(doc: Path) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
+
+
+def _lines(block: str) -> list[str]:
+    """The block's commands: continuation lines joined, comments dropped, ``a && b`` split."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).rstrip()
+        if line.strip() and not line.strip().startswith("#"):
+            out.extend(part.strip() for part in line.split(" && "))
+    return out
+
+
+def _tiny_args(command: str, kind: str, line: str) -> list[str]:
+    tiny = SEG_TINY if kind == "seg" else CEPH_TINY
+    if re.search(r"bundles/\w+/models/model\.pt", line):
+        tiny = {k: v for k, v in tiny.items() if k not in SHAPE_KEYS}
+    if command.startswith("amat-monai"):
+        sub = command.split()[1]
+        if sub == "compare":
+            return []
+        args = ["--device", "cpu"] if "--device" not in line else []
+        args += ["--max-cases", str(MAX_CASES[kind])] if "--max-cases" not in line else []
+        args += ["--epochs", "1"] if sub == "train" and "--epochs" not in line else []
+        args += ["--steps", STEPS] if sub == "evaluate" and "--steps" not in line else []
+        for key, value in tiny.items():
+            args += ["--override", f"{key}={json.dumps(value)}"]
+        return args
+    # MONAI's runner (python-fire): values as Python literals
+    args = ["--device", "$torch.device('cpu')", "--max_cases", str(MAX_CASES[kind])]
+    args += ["--epochs", "1"] if "--epochs" not in line else []
+    args += ["--robust#steps", f"[{STEPS}]"] if "robust_evaluate.json" in line else []
+    for key, value in tiny.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _script(block: str, kind: str, substitutions: dict[str, str]) -> tuple[str, list[str]]:
+    script, skipped = ["set -euo pipefail"], []
+    for line in _lines(block):
+        for placeholder, value in substitutions.items():
+            line = line.replace(placeholder, value)
+        stripped = line.strip()
+        run = _RUN.match(stripped)
+        if run:
+            line = re.sub(r"--epochs \d+", "--epochs 1", line)
+            line = re.sub(r"--max-cases \d+", f"--max-cases {MAX_CASES[kind]}", line)
+            line = re.sub(r"--steps [\d,]+", f"--steps {STEPS}", line)
+            script.append(f"{line} {' '.join(shlex.quote(a) for a in _tiny_args(run.group(2), kind, line))}")
+        elif _SHELL.match(stripped) and "/path/to" not in stripped:
+            script.append(line)
+        else:
+            skipped.append(stripped)
+    return "\n".join(script) + "\n", skipped
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_run_as_written(doc, amat_data_dir, tmp_path):
+    from amat_monai.data import make_synthetic_decathlon
+
+    work = tmp_path / "work"
+    shutil.copytree(PROJECT_ROOT / "bundles", work / "bundles", ignore=shutil.ignore_patterns("runs", "mlruns", "eval"))
+    other = make_synthetic_decathlon(tmp_path / "other_site" / "Task04_Hippocampus", num_cases=3, seed=9)
+    substitutions = {k: v.format(other_site=other) for k, v in _PLACEHOLDERS.items()}
+    env = dict(os.environ, AMAT_DATA_DIR=str(amat_data_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    ran, skipped_all = 0, []
+    for i, block in enumerate(_blocks(PROJECT_ROOT / doc)):
+        kind = "ceph" if "ceph" in block else "seg"
+        script, skipped = _script(block, kind, substitutions)
+        skipped_all += skipped
+        commands = sum(1 for line in script.splitlines() if _RUN.match(line.strip()))
+        if not commands:
+            continue
+        done = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{doc}, block {i + 1}:\n{script}\n--- output ---\n{(done.stdout + done.stderr)[-4000:]}"
+        ran += commands
+    print(f"{doc}: ran {ran} documented commands; left out: {skipped_all}")
+    assert ran > 0
