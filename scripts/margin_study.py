@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from amat_monai.checkpoints import atomic_write_text, latest_checkpoint  # noqa: E402
+from amat_monai.checkpoints import atomic_write_text  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.comparison import paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
 from amat_monai.workflows import calibrate, train  # noqa: E402
-from reproduce import PROTOCOLS, TASKS, Stages  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, Stages, resume_or_restart  # noqa: E402
 
 #: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm
 #: fine-tuned from the same STD model with the same budget (epochs, attack steps, learning rate); arms and ξ levels
@@ -130,9 +130,7 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
 
     def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
         run_dir = work / "runs" / name
-        resume = latest_checkpoint(run_dir / "models") is not None
-        if not resume and run_dir.exists() and not (run_dir / "models" / "model.pt").exists():
-            shutil.rmtree(run_dir)  # killed before its first checkpoint: the stage starts over in a clean folder
+        resume = resume_or_restart(run_dir)
         kwargs = {**settings["common"], "device": device, "resume": resume}
         if method == "std":
             kwargs.update(settings["std"])
@@ -407,7 +405,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
             m, o = e["margins"], e["outcomes"]
             lines.append(f"| {e['epoch']} | {m['mean']:.2f} | {m['q25']:.2f} | {m['median']:.2f} | {m['q75']:.2f} | "
                          f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
-        lines += ["", f"![margins](margins/margins.png)", ""]
+        lines += ["", "![margins](margins/margins.png)", ""]
 
     foreground = _reports(work / "test-foreground", order)
     if foreground and task == "hippocampus":

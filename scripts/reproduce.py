@@ -112,6 +112,16 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def resume_or_restart(run_dir: Path) -> bool:
+    """Whether a training stage resumes in ``run_dir``: yes from its latest checkpoint (which already holds the
+    fine-tuned weights); a stage killed before its first checkpoint starts over in a clean folder instead."""
+    if latest_checkpoint(run_dir / "models") is not None:
+        return True
+    if run_dir.exists() and not (run_dir / "models" / "model.pt").exists():
+        shutil.rmtree(run_dir)
+    return False
+
+
 class Stages:
     """Finished stages of one task, kept in ``stages.json`` (written atomically) with their wall time.
 
@@ -158,10 +168,7 @@ def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | 
     xi_file = None
     for name, method, extra in spec["methods"]:
         run_dir = work / "runs" / name
-        # an interrupted stage continues from its latest checkpoint (which already holds the fine-tuned weights)
-        resume = latest_checkpoint(run_dir / "models") is not None
-        if not resume and run_dir.exists() and not (run_dir / "models" / "model.pt").exists():
-            shutil.rmtree(run_dir)  # killed before its first checkpoint: the stage starts over in a clean folder
+        resume = resume_or_restart(run_dir)
         common = {**settings["common"], "device": device, "resume": resume}
         if method == "std":
             kwargs = {**settings["std"], **common}
