@@ -94,7 +94,7 @@ def claim_run_folder(
         identity: what makes two runs the same run (JSON values), e.g. method, data set folder, ``max_cases``.
         resume: the run continues from its checkpoints (``resume=true`` / ``amat-monai train --resume``).
         ckpt_dir: where the checkpoints are (default ``output_dir/models``).
-        split_file: the run's split file, if it writes one.
+        split_file: the run's split file, if it writes one (one outside ``output_dir`` is the user's own).
 
     Returns:
         the path of ``run.json``.
@@ -108,8 +108,8 @@ def claim_run_folder(
     current = _canonical(identity)
     manifest = read_manifest(out)
     held = [Path(ckpts[0]).name] if ckpts else []
-    if split is not None and split.is_file():
-        held.append(split.name)
+    if split is not None and split.is_file() and out.resolve() in split.resolve().parents:
+        held.append(split.name)  # a hand-made split given from elsewhere belongs to no run
     if manifest is None and held:
         if not resume:
             raise RunFolderError(

@@ -199,6 +199,15 @@ def test_a_leftover_split_without_manifest_is_not_reused(task, tmp_path, capsys)
     assert "already holds split.json but no run.json: it belongs to an earlier run" in msg
 
 
+def test_a_hand_made_split_outside_the_folder_is_used(task, tmp_path):
+    from amat_monai.data import load_datalist, split_cases
+
+    split = tmp_path / "my_split.json"
+    split.write_text(json.dumps(split_cases([c["case"] for c in load_datalist(task)], seed=3)))
+    assert cli.main(_train(task, tmp_path / "run", "--override", f"split_file={json.dumps(str(split))}")) == 0
+    assert not (tmp_path / "run" / "split.json").exists()
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------------
 def test_resume_skips_an_incomplete_newer_checkpoint(tmp_path, caplog):
     from ignite.engine import Engine
