@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
@@ -38,6 +39,7 @@ from amat_monai.distributed import match_epoch_length, unwrap_network
 __all__ = [
     "atomic_write_text",
     "atomic_torch_save",
+    "atomic_save_npz",
     "read_json",
     "file_sha256",
     "remove_stale_tmp",
@@ -112,6 +114,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` atomically: a crash never leaves a truncated ``path``."""
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """``numpy.savez`` of plain arrays atomically (read back with ``np.load(path, allow_pickle=False)``)."""
+    _atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
 
 
 def _pid_alive(pid: int) -> bool:

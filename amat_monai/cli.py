@@ -98,22 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the metric threshold leaves this share of training samples failing (default: the mean score)")
     p.set_defaults(handler="amat_monai.commands:calibrate_command")
 
+    def evaluation_options(p: argparse.ArgumentParser) -> None:
+        _common(p)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--split", default=None,
+                       help="which cases: test (default: the training run's test split when its split.json is beside "
+                            "models/), validation, train, or all (every case of --dataset-dir, e.g. another site's "
+                            "folder); a bundle of named lists (ceph) takes their names too: test1, test2, test1[:50]")
+        p.add_argument("--cases", default=None, metavar="FILE",
+                       help="evaluate these cases instead (one case id per line)")
+        p.add_argument("--attacks", type=_names, default=None, help="e.g. pgd,ifgsm,fgsm,noise")
+        p.add_argument("--eps", type=_floats, default=None, help="noise levels, e.g. 2,6,10")
+        p.add_argument("--steps", type=_ints, default=None, help="steps per attack, in the order of --attacks")
+        p.add_argument("--norm", choices=("l2", "linf"), default=None)
+        p.add_argument("--restarts", type=int, default=None)
+
     p = add("evaluate", "evaluate a model on clean and attacked inputs",
             "Writes OUTPUT_DIR/robustness.json, robustness.csv (one row per sample and attack), robustness.md and "
             "robustness.png, and prints the table.")
-    _common(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default=None,
-                   help="which cases: test (default: the training run's test split when its split.json is beside "
-                        "models/), validation, train, or all (every case of --dataset-dir, e.g. another site's "
-                        "folder); a bundle of named lists (ceph) takes their names too: test1, test2, test1[:50]")
-    p.add_argument("--cases", default=None, metavar="FILE", help="evaluate these cases instead (one case id per line)")
-    p.add_argument("--attacks", type=_names, default=None, help="e.g. pgd,ifgsm,fgsm,noise")
-    p.add_argument("--eps", type=_floats, default=None, help="noise levels, e.g. 2,6,10")
-    p.add_argument("--steps", type=_ints, default=None, help="steps per attack, in the order of --attacks")
-    p.add_argument("--norm", choices=("l2", "linf"), default=None)
-    p.add_argument("--restarts", type=int, default=None)
+    evaluation_options(p)
     p.set_defaults(handler="amat_monai.commands:evaluate_command")
+
+    p = add("detector", "fit or evaluate the detector that flags attacked inputs",
+            "`detector fit` writes models/detector.npz and detector.json next to the checkpoint; `detector evaluate` "
+            "writes OUTPUT_DIR/detection.json and detection.md.")
+    detector = p.add_subparsers(dest="detector_command", required=True)
+    d = detector.add_parser("fit", parents=[verbose], help="fit on the clean training split, threshold on validation",
+                            description="Fit the feature-density detector of a checkpoint on its clean training "
+                            "split and set the thresholds of it and of the squeeze baseline on the clean validation "
+                            "split (no attack is seen). Writes detector.npz (arrays) and detector.json (checkpoint "
+                            "sha256, layers, thresholds, validation false-positive rate) next to the checkpoint.")
+    _common(d)
+    d.add_argument("--checkpoint", required=True, help="the model whose inputs the detector screens")
+    d.set_defaults(handler="amat_monai.commands:detector_fit_command")
+    d = detector.add_parser("evaluate", parents=[verbose], help="ROC-AUC and detection rates under attack",
+                            description="Measure the detectors on clean and attacked test inputs (the attack grid of "
+                            "`amat-monai evaluate`, random noise of the same norms, and the adaptive PGD that also "
+                            "lowers the detector's score). Writes OUTPUT_DIR/detection.json, detection.md, and the "
+                            "per-sample scores in attacks/ and adaptive-W/robustness.csv.")
+    evaluation_options(d)
+    d.add_argument("--detector", default=None, metavar="JSON",
+                   help="the detector's json (default: detector.json beside the checkpoint)")
+    d.add_argument("--adaptive-weights", type=_floats, default=None,
+                   help="weights of the detector's score in the adaptive attack's loss (bundle default: 1,10)")
+    d.set_defaults(handler="amat_monai.commands:detector_evaluate_command")
 
     p = add("compare", "one table and one plot from several evaluation runs",
             "Writes OUTPUT_DIR/comparison.md, comparison.csv and comparison.png, and prints the table.")

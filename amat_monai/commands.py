@@ -13,12 +13,14 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from amat_monai.attack_detection.detector import detector_paths
 from amat_monai.checkpoints import atomic_write_text
 from amat_monai.data.decathlon import read_case_list
 from amat_monai.reporting import load_report, paper_table, plot_runs
 from amat_monai.workflows import (
     build_workflow,
     calibrate,
+    common_overrides,
     config_files,
     device_expression,
     parse_overrides,
@@ -26,7 +28,8 @@ from amat_monai.workflows import (
     train,
 )
 
-__all__ = ["train_command", "calibrate_command", "evaluate_command", "compare_command"]
+__all__ = ["train_command", "calibrate_command", "evaluate_command", "detector_fit_command",
+           "detector_evaluate_command", "compare_command"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,16 +135,14 @@ def _case_selection(args: argparse.Namespace, config: dict, split_file: Path | N
     return ovr
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
-    """``amat-monai evaluate``: robust evaluation of a bundle's checkpoint on its test split.
+def _run_split(checkpoint: Path) -> Path | None:
+    """``<run>/split.json`` when the checkpoint lies in ``<run>/models/``: the split the model was trained on."""
+    split = checkpoint.resolve().parent.parent / "split.json"
+    return split if checkpoint.resolve().parent.name == "models" and split.is_file() else None
 
-    Runs the bundle's ``configs/train.json`` with ``configs/robust_evaluate.json`` merged on top as a MONAI
-    ``ConfigWorkflow``, with ``dataset_dir``, ``output_dir``, ``max_cases``, ``device`` and ``checkpoint``
-    overridden, and the ``robust`` section overridden by ``--attacks``, ``--eps``, ``--steps``, ``--norm``
-    and ``--restarts`` when given. When the checkpoint lies in ``<run>/models/`` and ``<run>/split.json``
-    exists, that split file is used, so the test split is the one the model was trained against; ``--split``
-    and ``--cases`` choose other cases (see :func:`_case_selection`), ``--max-cases`` keeps the first N of them.
-    """
+
+def _evaluation_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The overrides of an evaluation run (``evaluate``, ``detector evaluate``) on ``names`` of ``args.bundle``."""
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -156,16 +157,28 @@ def evaluate_command(args: argparse.Namespace) -> int:
         ovr["max_cases"] = int(args.max_cases)
     if args.device is not None:
         ovr["device"] = device_expression(args.device)
-    split = checkpoint.resolve().parent.parent / "split.json"
-    run_split = split if checkpoint.resolve().parent.name == "models" and split.is_file() else None
-    config = ConfigParser.load_config_files(config_files(args.bundle, ["train.json", "robust_evaluate.json"]))
-    ovr.update(_case_selection(args, config, run_split))
+    config = ConfigParser.load_config_files(config_files(args.bundle, names))
+    ovr.update(_case_selection(args, config, _run_split(checkpoint)))
     for option, key in _CLI_KEYS.items():
         value = getattr(args, option, None)
         if value is not None:
             ovr[key] = value
     ovr.update(_overrides(args))
-    workflow = build_workflow(args.bundle, ["train.json", "robust_evaluate.json"], "infer", **ovr)
+    return ovr
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """``amat-monai evaluate``: robust evaluation of a bundle's checkpoint on its test split.
+
+    Runs the bundle's ``configs/train.json`` with ``configs/robust_evaluate.json`` merged on top as a MONAI
+    ``ConfigWorkflow``, with ``dataset_dir``, ``output_dir``, ``max_cases``, ``device`` and ``checkpoint``
+    overridden, and the ``robust`` section overridden by ``--attacks``, ``--eps``, ``--steps``, ``--norm``
+    and ``--restarts`` when given. When the checkpoint lies in ``<run>/models/`` and ``<run>/split.json``
+    exists, that split file is used, so the test split is the one the model was trained against; ``--split``
+    and ``--cases`` choose other cases (see :func:`_case_selection`), ``--max-cases`` keeps the first N of them.
+    """
+    names = ["train.json", "robust_evaluate.json"]
+    workflow = build_workflow(args.bundle, names, "infer", **_evaluation_overrides(args, names))
     results = run_workflow(workflow)
     report = next((r for r in reversed(results or []) if isinstance(r, dict) and "results" in r), None)
     if report is None:
@@ -178,6 +191,43 @@ def evaluate_command(args: argparse.Namespace) -> int:
     )
     print(f"sanity: {status}")
     print(f"wrote {out / 'robustness.json'} ({report['throughput']['samples_per_second']} samples/s)")
+    return 0
+
+
+def detector_fit_command(args: argparse.Namespace) -> int:
+    """``amat-monai detector fit``: the attack detectors of a checkpoint, from its clean training and validation
+    splits (the run's ``split.json`` when the checkpoint lies in ``<run>/models/``); written next to it."""
+    ovr = common_overrides(args.dataset_dir, args.output_dir, args.max_cases, args.device, args.checkpoint)
+    split = _run_split(Path(args.checkpoint))
+    if split is not None:
+        ovr["split_file"] = str(split)
+    ovr.update(_overrides(args))
+    workflow = build_workflow(args.bundle, ["train.json", "detector.json"], "infer", **ovr)
+    info = next(r for r in run_workflow(workflow) if isinstance(r, dict))
+    out = workflow.parser.get_parsed_content("detector#output_dir")
+    npz = Path(out) / "detector.npz" if out else detector_paths(args.checkpoint)[0]
+    rates = ", ".join(f"{k} {v:.1%}" for k, v in info["validation_false_positive_rate"].items())
+    layers = ", ".join(f"{layer['name']} ({layer['dim']} features, n={layer['n']})" for layer in info["layers"])
+    print(f"wrote {npz} and {npz.with_suffix('.json').name}: layers {layers}; thresholds {info['thresholds']}; "
+          f"clean validation flagged: {rates}")
+    return 0
+
+
+def detector_evaluate_command(args: argparse.Namespace) -> int:
+    """``amat-monai detector evaluate``: the detectors under the robust evaluator's attacks, noise and the
+    adaptive attack; the cases and attack options are those of ``amat-monai evaluate``."""
+    names = ["train.json", "robust_evaluate.json", "detector_evaluate.json"]
+    ovr = _evaluation_overrides(args, names)
+    if getattr(args, "adaptive_weights", None) is not None:
+        ovr["detection#adaptive_weights"] = args.adaptive_weights
+    if getattr(args, "detector", None) is not None:
+        ovr["detection#detector_json"] = str(Path(args.detector).resolve())
+    workflow = build_workflow(args.bundle, names, "infer", **ovr)
+    run_workflow(workflow)
+    out = Path(workflow.parser.get_parsed_content("robust#output_dir"))
+    print((out / "detection.md").read_text(), end="")
+    print(f"wrote {out / 'detection.json'}, detection.md, attacks/ and adaptive-*/ (per-sample scores in "
+          "robustness.csv)")
     return 0
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "run_workflow",
     "train",
     "calibrate",
+    "fit_detector",
     "evaluate_clean",
     "require_file",
     "evaluation_summary",
@@ -301,6 +302,26 @@ def calibrate(
     workflow = build_workflow(bundle, ["train.json", "calibrate.json"], "infer", **ovr)
     run_workflow(workflow)
     return str(_value(workflow, "xi_file"))
+
+
+def fit_detector(
+    bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run ``detector.json``: fit the attack detectors of a checkpoint on its clean training and validation splits.
+
+    Returns:
+        the content of the ``detector.json`` it writes (next to the checkpoint unless ``detector#output_dir``).
+    """
+    device = overrides.pop("device", None)
+    max_cases = overrides.pop("max_cases", None)
+    ovr = common_overrides(dataset_dir, output_dir, max_cases, device, checkpoint)
+    ovr.update(overrides)
+    workflow = build_workflow(bundle, ["train.json", "detector.json"], "infer", **ovr)
+    return next(r for r in run_workflow(workflow) if isinstance(r, dict))
 
 
 def evaluate_clean(

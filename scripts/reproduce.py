@@ -284,6 +284,16 @@ def rebuild_results(path: Path, results_dir: Path) -> None:
     exists, then the baseline comparison (``RESULTS.md``)."""
     sections = [(results_dir / t / name).read_text() for t in TASKS for name in ("MARGINS.md", "RESULTS.md")
                 if (results_dir / t / name).is_file()]
+    detection = [(t, results_dir / t / "detection" / "DETECTION.md") for t in TASKS]
+    detection = [(t, path) for t, path in detection if path.is_file()]
+    if detection:
+        sections += ["## Detecting attacked inputs (fitted on clean data only)", "",
+                     "`amat_monai.attack_detection`: the feature-density detector (a Ledoit–Wolf Gaussian per hooked "
+                     "layer, Mahalanobis distance z-scored on clean training data) beside the training-free squeeze "
+                     "baseline (median filter, change of the output probabilities). The adaptive rows attack model "
+                     "and density detector together (PGD on the task loss minus weight × the detector's score).", ""]
+        for t, path in detection:
+            sections += [f"### {TASKS[t]['title']}", "", path.read_text()]
     header = [
         "# Results on real data", "",
         "Each section was written by the command it names (`scripts/reproduce.py`); machine-readable numbers are in",
@@ -296,15 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
-    parser.add_argument("--experiment", choices=("baseline", "margins"), default="baseline",
+    parser.add_argument("--experiment", choices=("baseline", "margins", "detection"), default="baseline",
                         help="baseline: STD / VAT / TEAT / AMAT as in docs/RESULTS.md; margins: the AMAT margin study "
-                             "(VAT's curve against AMAT arms, chosen on validation, evaluated on test)")
+                             "(VAT's curve against AMAT arms, chosen on validation, evaluated on test); detection: the "
+                             "attack detectors of the shipped STD and AMAT models")
     parser.add_argument("--data-dir", default=os.environ.get("AMAT_DATA_DIR") or str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--output-dir", default=str(ROOT / "reproduce_runs"), help="runs (resumable)")
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the markdown to write")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--report-only", action="store_true",
-                        help="with --experiment margins: write the report from the stages already on disk")
+                        help="with --experiment margins or detection: write the report from the stages on disk")
     parser.add_argument("--ship", action="store_true",
                         help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
                              "models/baselines/")
@@ -312,6 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
+    if args.experiment == "detection":
+        from detection_study import run_detection_study, write_detection_report
+
+        results_md = Path(args.results).resolve()
+        for task in tasks:
+            if not args.report_only:
+                run_detection_study(task, Path(args.data_dir), out, args.device)
+            write_detection_report(task, out, results_md.parent / "results")
+        rebuild_results(results_md, results_md.parent / "results")
+        print(f"[reproduce] wrote {results_md}")
+        return 0
     if args.experiment == "margins":
         from margin_study import MARGIN_STUDY, run_margin_study, write_margin_report
 

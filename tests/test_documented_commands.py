@@ -3,9 +3,10 @@ written.
 
 Each ```bash block of a document is run as one bash script in a fresh subprocess, in a scratch folder that
 holds a copy of ``bundles/`` (so ``cd bundles/...`` and relative paths work as documented), on the real data in
-``$AMAT_DATA_DIR``. Only tiny settings are appended to each ``amat-monai train / calibrate / evaluate`` and
-``python -m monai.bundle run`` line (one epoch, a few cases, a small network, the CPU, 3 / 2 attack steps), and
-an epoch count, case count or step count the document gives is replaced by the tiny one. Shell set-up lines (``cd``, variables, ``for`` loops) run as written;
+``$AMAT_DATA_DIR``. Only tiny settings are appended to each ``amat-monai train / calibrate / evaluate / detector``
+and ``python -m monai.bundle run`` line (one epoch, a few cases, a small network, the CPU, 3 / 2 attack steps,
+one adaptive weight), and an epoch count, case count or step count the document gives is replaced by the tiny
+one. Shell set-up lines (``cd``, variables, ``for`` loops) run as written;
 other commands (``make``, ``pip``, the MONAI Label server and ``curl``, benchmarks) are left out and listed in
 the test's output. A documented command that fails, or that depends on a file no earlier command of the
 document makes, fails this test.
@@ -37,7 +38,8 @@ STEPS = "3,2"  # PGD, IFGSM
 #: the network's shape: not overridden for a command that loads a shipped model (bundles/<b>/models/model.pt)
 SHAPE_KEYS = ("patch_size", "network_filters", "network_kernels", "network_strides", "image_size", "features", "radius")
 
-_RUN = re.compile(r"^((?:[A-Z_]+=\S+ )*)(amat-monai (?:train|calibrate|evaluate|compare)|python -m monai\.bundle run"
+_RUN = re.compile(r"^((?:[A-Z_]+=\S+ )*)(amat-monai (?:train|calibrate|evaluate|compare|detector (?:fit|evaluate))"
+                  r"|python -m monai\.bundle run"
                   r"|torchrun .*-m monai\.bundle run)\b")
 _SHELL = re.compile(r"^(cd |for |done\b|[A-Za-z_]+=\S*(?: [A-Za-z_]+=\S*)*$|[A-Za-z_]+=\S*;)")
 #: placeholders the documents use for folders of the reader's own
@@ -64,13 +66,15 @@ def _tiny_args(command: str, kind: str, line: str) -> list[str]:
     if re.search(r"bundles/\w+/models/model\.pt", line):
         tiny = {k: v for k, v in tiny.items() if k not in SHAPE_KEYS}
     if command.startswith("amat-monai"):
-        sub = command.split()[1]
+        sub = " ".join(command.split()[1:])
         if sub == "compare":
             return []
         args = ["--device", "cpu"] if "--device" not in line else []
         args += ["--max-cases", str(MAX_CASES[kind])] if "--max-cases" not in line else []
         args += ["--epochs", "1"] if sub == "train" and "--epochs" not in line else []
-        args += ["--steps", STEPS] if sub == "evaluate" and "--steps" not in line else []
+        evaluates = sub in ("evaluate", "detector evaluate")
+        args += ["--steps", STEPS] if evaluates and "--steps" not in line else []
+        args += ["--adaptive-weights", "1"] if sub == "detector evaluate" else []
         for key, value in tiny.items():
             args += ["--override", f"{key}={json.dumps(value)}"]
         return args

@@ -308,7 +308,7 @@ def _tiny_seg_bundle(root: Path) -> Path:
         "imports": ["$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
-        "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 3, "kernel_size": 1},
+        "network_def": "$torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1))",
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image", "image_only": True, "ensure_channel_first": True},
@@ -325,12 +325,30 @@ def _tiny_seg_bundle(root: Path) -> Path:
     (b / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
     (b / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1))
     # logits (0, x - 1/3, 2x - 1): class 0 below 1/3, 1 between 1/3 and 2/3, 2 above 2/3 of the intensity range
-    net = torch.nn.Conv2d(1, 3, 1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1))
     with torch.no_grad():
-        net.weight.copy_(torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1))
-        net.bias.copy_(torch.tensor([0.0, -1.0 / 3.0, -1.0]))
+        net[0].weight.copy_(torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1))
+        net[0].bias.copy_(torch.tensor([0.0, -1.0 / 3.0, -1.0]))
     torch.save(net.state_dict(), b / "models" / "model.pt")
+    _fit_tiny_detector(net, b / "models" / "model.pt")
     return b
+
+
+def _tiny_volumes(n: int, seed: int) -> np.ndarray:
+    """Volumes like the tiny study's (intensities drawn from 5 levels), scaled to [0, 1] as its preprocessing does."""
+    return np.random.default_rng(seed).choice([0.0, 0.25, 0.5, 0.75, 1.0], size=(n, *SEG_SHAPE)).astype(np.float32)
+
+
+def _fit_tiny_detector(net: torch.nn.Module, model: Path) -> None:
+    """The tiny bundle's attack detector: fitted on the slices of clean volumes, thresholds on others."""
+    from amat_monai.attack_detection import fit_detectors
+
+    def slices(volumes: np.ndarray, first_case: int) -> list[dict]:
+        x = torch.from_numpy(volumes).unsqueeze(2)  # [N, 9 slices, C, 10, 8]: slices along spatial axis 0
+        return [{"image": v, "case": [f"case{first_case + i}"] * v.shape[0]} for i, v in enumerate(x)]
+
+    fit_detectors(net, model, slices(_tiny_volumes(30, 3), 0), slices(_tiny_volumes(40, 4), 100), ["0"],
+                  progress=False)
 
 
 def _tiny_landmark_bundle(root: Path) -> Path:
@@ -376,6 +394,9 @@ def _tiny_studies(root: Path) -> Path:
     volume = rng.choice([0.0, 25.0, 50.0, 75.0, 100.0], size=SEG_SHAPE).astype(np.float32)
     volume[0, 0, 0], volume[0, 0, 1] = 0.0, 100.0  # the intensity range is exactly [0, 100]
     _save_nifti(studies / "volume_0.nii.gz", volume, SEG_AFFINE)
+    # a volume whose slices no clean volume resembles: a checkerboard of the two extreme intensities
+    checkerboard = (np.indices(SEG_SHAPE).sum(axis=0) % 2 * 100.0).astype(np.float32)
+    _save_nifti(studies / "checkerboard_0.nii.gz", checkerboard, SEG_AFFINE)
     w, h = LMK_SIZE
     image = np.zeros((h, w), dtype=np.uint8)
     for k, (x, y) in enumerate(SPOTS):
@@ -402,7 +423,7 @@ def test_info_lists_the_bundles(tiny_server):
     assert seg["dimension"] == 3  # a 2D network served slice by slice over volumes
     assert lmk["dimension"] == 2 and lmk["labels"] == {f"L{k + 1}": k + 1 for k in range(NUM_LANDMARKS)}
     assert info["trainers"] == {}
-    assert info["datastore"]["total"] == 2
+    assert info["datastore"]["total"] == 3
 
 
 @needs_label_env
@@ -418,6 +439,23 @@ def test_infer_segmentation_returns_the_expected_label_volume(tiny_server, tmp_p
     np.testing.assert_array_equal(np.asarray(label.dataobj), expected)
     assert set(np.unique(expected)) == {0, 1, 2}
     np.testing.assert_allclose(label.affine, SEG_AFFINE, atol=1e-5)
+
+
+@needs_label_env
+def test_infer_carries_the_attack_detectors_verdict_per_slice_and_per_volume(tiny_server):
+    server, _ = tiny_server
+    detector = json.loads((server.studies.parent / "tiny_seg" / "models" / "detector.json").read_text())
+    verdicts = {}
+    for image in ("volume_0", "checkerboard_0"):
+        body, _ = server.infer("tiny_seg", image, "json")
+        verdicts[image] = json.loads(body)["adversarial"]
+    clean, odd = verdicts["volume_0"], verdicts["checkerboard_0"]
+    assert clean["threshold"] == pytest.approx(detector["thresholds"]["volume"])
+    assert clean["slices"]["threshold"] == pytest.approx(detector["thresholds"]["sample"])
+    assert clean["slices"]["axis"] == 0 and len(clean["slices"]["score"]) == SEG_SHAPE[0]
+    assert clean["score"] == pytest.approx(max(clean["slices"]["score"]))
+    assert clean["flag"] is False and odd["flag"] is True and all(odd["slices"]["flag"])
+    assert odd["score"] > 10 * odd["threshold"]
 
 
 @needs_label_env
@@ -481,7 +519,8 @@ def _shipped_with_random_weights(root: Path, name: str) -> Path:
     if not (src / "configs" / "inference.json").is_file():
         pytest.skip(f"{src}/configs/inference.json does not exist yet")
     dst = root / name
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "runs"))
+    # the detectors are fitted on the trained weights, which these copies replace
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.pt", "*.ts", "*detector.*", "eval", "runs"))
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

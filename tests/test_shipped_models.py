@@ -59,3 +59,23 @@ def test_metadata_eval_metrics_are_the_shipped_models_numbers(task):
     clean, pgd, ifgsm = metrics.values()  # the clean metric, then the PGD and IFGSM averages
     assert (clean, pgd, ifgsm) == pytest.approx(
         (report["clean"], report["averages"]["pgd"], report["averages"]["ifgsm"]), abs=5e-5)
+
+
+@pytest.mark.parametrize("task", sorted(SHIPPED))
+def test_shipped_detectors_belong_to_the_shipped_models_and_their_reported_numbers(task):
+    from amat_monai.attack_detection import FeatureDensityDetector, detector_paths
+
+    bundle, results = _shipped(task)
+    study = json.loads((results / "detection" / "study.json").read_text())["detection"]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    network = parser.get_parsed_content("network_def")
+    for name, model in (("AMAT", bundle / "models" / "model.pt"), ("STD", bundle / "models" / "baselines" / "std.pt")):
+        npz, js = detector_paths(model)
+        # refuses a detector of other weights; loads the statistics with allow_pickle=False
+        detector = FeatureDensityDetector.load(network, npz, js, model)
+        assert detector.thresholds and detector.provenance["fit_cases"], js
+        reported = study[name]["detector"]
+        assert reported["checkpoint_sha256"] == file_sha256(model), f"{name}: the report measured another model"
+        assert reported["thresholds"] == pytest.approx(detector.thresholds), f"{name}: the report used other thresholds"

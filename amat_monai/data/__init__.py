@@ -1,4 +1,5 @@
-"""Data sets: Decathlon segmentation tasks as 2D slices, synthetic stand-ins, and cephalometric landmarks."""
+"""Data sets: Decathlon segmentation tasks as 2D slices, cephalometric landmarks, Pascal VOC boxes (BCCD), and
+synthetic stand-ins of each."""
 
 from amat_monai.data.decathlon import (
     DecathlonSliceDataset,
@@ -14,6 +15,7 @@ from amat_monai.data.decathlon import (
 )
 from amat_monai.data.synthetic import make_synthetic_decathlon
 from amat_monai.data.ceph import ceph_datalist, make_synthetic_ceph  # noqa: F401  (cephalometric landmarks)
+from amat_monai.data.voc import BCCD_CLASSES, make_synthetic_voc, read_voc_annotation, voc_datalist
 
 __all__ = [
     "DecathlonSliceDataset",
@@ -27,4 +29,8 @@ __all__ = [
     "to_nnunet_axes",
     "volume_to_slices",
     "make_synthetic_decathlon",
+    "BCCD_CLASSES",
+    "read_voc_annotation",
+    "voc_datalist",
+    "make_synthetic_voc",
 ]

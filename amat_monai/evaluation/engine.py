@@ -61,6 +61,9 @@ class RobustEvaluator(Evaluator):
         seed: seed of the random attacks (batch ``i`` uses ``seed + i``).
         image_key, label_key, id_key: batch keys.
         progress: show a tqdm bar over batches × cells.
+        input_scores: optional ``{name: fn}``; ``fn(x)`` returns a ``[B]`` score of each clean or attacked input,
+            recorded beside the metric's values as ``score_<name>`` (e.g. the detectors of
+            :mod:`amat_monai.attack_detection`).
         kwargs: other :class:`~monai.engines.Evaluator` arguments (``prepare_batch``, ``val_handlers``...).
 
     After :meth:`run`, ``self.records`` holds per-batch outputs, aggregated by :func:`robust_evaluate`.
@@ -80,9 +83,11 @@ class RobustEvaluator(Evaluator):
         label_key: str = CommonKeys.LABEL,
         id_key: str = "sample_id",
         progress: bool = True,
+        input_scores: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(device=device, val_data_loader=val_data_loader, decollate=False, **kwargs)
+        self.input_scores = dict(input_scores or {})
         self.network = network
         self.model = _InferencePath(network, inferer)
         self.loss_fn = loss_fn
@@ -121,8 +126,10 @@ class RobustEvaluator(Evaluator):
             pred = self.model(x)
             losses = per_sample_terms(self.loss_fn(pred, y), x.shape[0]).sum(dim=1)
             values = self.metric.per_sample(pred, batch)
-        if self.metric.name not in values:
-            raise KeyError(f"{type(self.metric).__name__}.per_sample returned no {self.metric.name!r} column")
+            if self.metric.name not in values:
+                raise KeyError(f"{type(self.metric).__name__}.per_sample returned no {self.metric.name!r} column")
+            for name, score in self.input_scores.items():
+                values[f"score_{name}"] = score(x)
         values = {k: torch.as_tensor(v).detach().double().cpu().reshape(-1) for k, v in values.items()}
         return values, losses.detach().double().cpu()
 

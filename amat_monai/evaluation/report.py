@@ -58,6 +58,7 @@ def robust_evaluate(
     large_eps_factor: float = 10.0,
     noise_ratio: float = 0.5,
     progress: bool = True,
+    input_scores: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     **evaluator_kwargs: Any,
 ) -> dict[str, Any]:
     """Score ``network`` on clean and attacked inputs over a grid of attacks × noise levels.
@@ -84,6 +85,8 @@ def robust_evaluate(
         large_eps_factor: the large-ε check attacks at this multiple of the largest ε.
         noise_ratio: noise may do at most this fraction of the gradient attack's damage.
         progress: show a progress bar.
+        input_scores: ``{name: fn}`` scoring each clean and attacked input (``[B]``), written to the CSV as
+            ``score_<name>`` (see :class:`RobustEvaluator`).
         evaluator_kwargs: passed to :class:`RobustEvaluator` (e.g. ``prepare_batch``, ``val_handlers``).
 
     Returns:
@@ -109,7 +112,7 @@ def robust_evaluate(
     cells, large_cell = build_cells(specs, eps, sanity, sanity_steps, large_eps_factor)
 
     evaluator = RobustEvaluator(device, dataloader, network, loss_fn, metric, cells, inferer=inferer, seed=seed,
-                                progress=progress, **evaluator_kwargs)
+                                progress=progress, input_scores=input_scores, **evaluator_kwargs)
     was_training = network.training
     start = time.perf_counter()
     try:

@@ -5,7 +5,10 @@ Both tasks are MONAI Label's own ``BundleInferTask`` (which reads ``configs/infe
 changes: a bundle that cannot be served raises instead of being skipped with a warning, weights are loaded
 strictly, the postprocessing's save transforms (:data:`SAVE_TRANSFORMS`) are dropped, a bundle whose inferer is
 a ``SliceInferer`` (a 2D network run over 3D volumes) reports dimension 3, and results are written by
-:func:`amat_monai.label.writer.write_label` (MONAI's writers, no ITK).
+:func:`amat_monai.label.writer.write_label` (MONAI's writers, no ITK). A bundle that ships the attack detector of
+its model (``models/detector.json`` + ``detector.npz``, from ``amat-monai detector fit``) adds its verdict to every
+result: ``{"adversarial": {"score", "threshold", "flag"}}``, with per-slice lists for volumes
+(:func:`amat_monai.attack_detection.screen`).
 Import this module only in the MONAI Label server process (after :func:`amat_monai.label.compat.install`).
 """
 
@@ -16,12 +19,15 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from amat_monai.attack_detection import FeatureDensityDetector, detector_paths, screen
+from amat_monai.checkpoints import file_sha256, read_json
 from amat_monai.label.landmarks import check_landmark_result, find_landmark_decoder, landmark_label_map, to_image_grid
 from amat_monai.label.writer import write_label
 from amat_monai.landmarks import SaveLandmarksd
@@ -77,8 +83,30 @@ def _affine(data: dict[str, Any], key: str):
     return value.affine if isinstance(value, MetaTensor) else None
 
 
+def _detector_files(path: str) -> tuple[str, str] | None:
+    """The bundle's detector files, checked against ``models/model.pt``; ``None`` when it ships none.
+
+    Raises:
+        ValueError: the detector was fitted on other weights than the bundle's model.
+    """
+    model = os.path.join(path, "models", "model.pt")
+    npz, js = detector_paths(model)
+    if not js.is_file():
+        return None
+    if not npz.is_file():
+        raise FileNotFoundError(f"bundle {path}: {js.name} names statistics {npz} that do not exist")
+    sha = read_json(js).get("checkpoint_sha256")
+    if sha != file_sha256(model):
+        raise ValueError(f"bundle {path}: {js} was fitted on other weights than models/model.pt (sha256 "
+                         f"{str(sha)[:12]}…); fit it again with `amat-monai detector fit` or remove it")
+    return str(npz), str(js)
+
+
 class AmatBundleInferTask(BundleInferTask):
     """A local bundle served as a segmentation model: ``/infer/<name>`` returns the label image."""
+
+    #: where :meth:`run_inferer` leaves the attack detector's verdict for the writer
+    verdict_key = "adversarial"
 
     def __init__(self, path: str, conf: dict[str, str], **kwargs) -> None:
         metadata = check_bundle(path)
@@ -92,13 +120,35 @@ class AmatBundleInferTask(BundleInferTask):
             raise ValueError(f"bundle {path}: metadata input 'image' needs a 2D or 3D spatial_shape")
         inferer = self.bundle_config.get("inferer") or {}
         target = inferer.get("_target_", "") if isinstance(inferer, dict) else ""
+        self.slice_dim: int | None = None
         if isinstance(target, str) and target.rsplit(".", 1)[-1] == "SliceInferer":
             self.dimension = len(spatial_shape) + 1  # a 2D network run slice by slice serves volumes
+            self.slice_dim = int(inferer.get("spatial_dim", 0))
+        self.detector_files = _detector_files(path)
+        self._detector: FeatureDensityDetector | None = None
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        data = super().run_inferer(data, convert_to_batch, device)
+        if self.detector_files is not None:
+            network = self._get_network(device, data)
+            if self._detector is None or self._detector.network is not network:
+                npz, js = self.detector_files
+                self._detector = FeatureDensityDetector.load(network, npz, js)
+            image = torch.as_tensor(data[self.input_key])
+            data[self.verdict_key] = screen(self._detector, image, self.slice_dim)
+        return data
+
+    def result_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The JSON part of the result: the postprocessing's, with the attack detector's verdict when there is one."""
+        result = dict(data.get(self.output_json_key) or {})
+        if data.get(self.verdict_key) is not None:
+            result[self.verdict_key] = data[self.verdict_key]
+        return result
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         ndim = len(_spatial_shape(data, self.key_image))
         path = write_label(data[self.key_pred], data.get("image_path"), ndim, _affine(data, self.key_pred))
-        return path, dict(data.get(self.output_json_key) or {})
+        return path, self.result_json(data)
 
 
 class LandmarkBundleInferTask(AmatBundleInferTask):
@@ -131,7 +181,7 @@ class LandmarkBundleInferTask(AmatBundleInferTask):
             return json.load(f)
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
-        result = dict(data.get(self.output_json_key) or {})
+        result = self.result_json(data)
         check_landmark_result(result, len(self.landmark_names))
         coords = data.get(self.coords_key)
         if coords is None:
