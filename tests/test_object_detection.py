@@ -1,0 +1,86 @@
+"""The 2D RetinaNet of :mod:`amat_monai.object_detection`: forward and per-sample loss without torchvision, the
+padded box format, and the attacks on it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from amat_monai.attacks import per_sample_norm, pgd
+from amat_monai.object_detection import DETECTION_TERMS, DetectionLoss, build_retinanet, pad_boxes, unpad_boxes
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return build_retinanet(num_classes=3, widths=(8, 16, 32, 64), fpn_channels=16).eval()
+
+
+def _batch():
+    x = torch.rand(3, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    y = pad_boxes([torch.tensor([[10.0, 10, 30, 30], [50, 40, 90, 80]]), torch.tensor([[5.0, 60, 20, 75]]),
+                   torch.zeros(0, 4)], [torch.tensor([0, 1]), torch.tensor([2]), torch.zeros(0)])
+    return x, y
+
+
+def test_padded_boxes_round_trip_and_refuse_too_many():
+    _, y = _batch()
+    assert y.shape == (3, 2, 5) and y[1, 1, 4] == -1 and (y[2, :, 4] == -1).all()
+    (b0, l0), (b1, l1), (b2, l2) = unpad_boxes(y)
+    assert b0.tolist() == [[10, 10, 30, 30], [50, 40, 90, 80]] and l0.tolist() == [0, 1] and l0.dtype == torch.int64
+    assert l1.tolist() == [2] and b2.shape == (0, 4)
+    with pytest.raises(ValueError, match="image 0 has 2 boxes, more than max_boxes=1"):
+        pad_boxes([torch.zeros(2, 4)], [torch.zeros(2)], max_boxes=1)
+
+
+def test_forward_and_loss_need_no_torchvision(detector):
+    x, y = _batch()
+    pred = detector(x)
+    assert "torchvision" not in sys.modules
+    assert pred.shape[0] == 3 and pred.shape[2] == 3 + 4  # class logits, then box offsets, per anchor
+    terms = DetectionLoss(detector)(pred, y)
+    assert terms.shape == (3, len(DETECTION_TERMS)) and torch.isfinite(terms).all()
+    assert (terms[:2] > 0).all()
+    # the image without boxes has no matched anchor: no box or foreground loss, only background
+    assert terms[2, 0] == 0 and terms[2, 1] == 0 and terms[2, 2] > 0
+    assert torch.equal(terms, DetectionLoss(detector)(detector(x), y))  # deterministic: no random sampling
+
+
+def test_per_sample_rows_equal_single_image_runs(detector):
+    x, y = _batch()
+    batch = DetectionLoss(detector)(detector(x), y)
+    for i in range(3):
+        single = DetectionLoss(detector)(detector(x[i: i + 1]), y[i: i + 1])
+        assert torch.allclose(batch[i], single[0], rtol=1e-5, atol=1e-6), i
+
+
+def test_pgd_respects_per_sample_radii_on_the_detector(detector):
+    x, y = _batch()
+    loss = DetectionLoss(detector)
+    eps = torch.tensor([0.5, 2.0, 1.0])
+    x_adv = pgd(detector, loss, x, y, eps, steps=3, step_size=eps / 2, clamp=(0.0, 1.0),
+                generator=torch.Generator().manual_seed(0))
+    norms = per_sample_norm(x_adv - x, "l2")
+    assert (norms <= eps + 1e-4).all() and (norms > 0.25 * eps).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert loss(detector(x_adv), y)[:2].sum() > loss(detector(x), y)[:2].sum()
+
+
+def test_detect_returns_boxes_labels_and_scores(detector):
+    x, _ = _batch()
+    detector.box_selector.score_thresh = 0.0  # untrained: keep every candidate to see the format
+    try:
+        out = detector.detect(detector(x))
+    finally:
+        detector.box_selector.score_thresh = 0.05
+    assert len(out) == 3
+    for d in out:
+        boxes, labels, scores = d["boxes"], d["labels"], d["labels_scores"]
+        assert boxes.shape[1] == 4 and len(boxes) == len(labels) == len(scores) > 0
+        # MONAI's box convention: coordinate k runs along spatial dimension k of the [B, C, 96, 128] input
+        assert (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 128).all() and set(labels.tolist()) <= {0, 1, 2}
+    with pytest.raises(RuntimeError, match="do not match the anchors"):
+        detector.detect(torch.zeros(1, 10, 7))
