@@ -9,9 +9,10 @@ difference accounts for the pairing.
 The reported summaries are those of the papers: the clean value and, per attack, the mean over the noise levels
 of the mean over samples (``PGD avg``, ``IFGSM avg``).
 
-VAT's curve is the piecewise-linear line through the (clean, robust) points of STD and VAT_ε for growing ε.
-:func:`curve_gap` is how far a model lies above that line at its own clean score: positive means more robust than
-VAT would be at the same clean accuracy.
+VAT's curve is its frontier: the piecewise-linear line, in clean order, through those (clean, robust) points of STD
+and VAT_ε that no other of them beats on both (a VAT arm that is both less accurate and less robust than another
+is not a trade-off VAT offers). :func:`curve_gap` is how far a model lies above that line at its own clean score:
+positive means more robust than VAT would be at the same clean accuracy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CaseScores", "read_case_scores", "paired_bootstrap", "curve_value", "curve_gap", "SUMMARIES"]
+__all__ = ["CaseScores", "read_case_scores", "paired_bootstrap", "frontier", "curve_value", "curve_gap", "SUMMARIES"]
 
 #: the summaries of a model: ``clean`` and each attack's average over its noise levels
 SUMMARIES = ("clean", "pgd", "ifgsm")
@@ -92,19 +93,28 @@ def read_case_scores(csv_path: str | os.PathLike, metric: str, case_key: str = "
     return CaseScores(order, cells, higher_is_better)
 
 
-def curve_value(points: Sequence[tuple[float, float]], clean: float) -> float:
-    """The robust value of the piecewise-linear curve through ``(clean, robust)`` ``points`` at ``clean``;
-    NaN outside the curve's clean range (no extrapolation)."""
-    pts = sorted(points)
+def frontier(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The ``(clean, robust)`` points that no other point beats on both, sorted by clean value."""
+    s = 1.0 if higher_is_better else -1.0
+    pts = sorted({(float(c), float(r)) for c, r in points})
+    kept = [p for p in pts if not any(s * q[0] >= s * p[0] and s * q[1] >= s * p[1] and q != p for q in pts)]
+    return sorted(kept)
+
+
+def curve_value(points: Sequence[tuple[float, float]], clean: float, higher_is_better: bool = True) -> float:
+    """The robust value of the piecewise-linear :func:`frontier` of ``(clean, robust)`` ``points`` at ``clean``;
+    NaN outside the frontier's clean range (no extrapolation)."""
+    pts = frontier(points, higher_is_better)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if not pts or clean < xs[0] or clean > xs[-1]:
         return math.nan
     return float(np.interp(clean, xs, ys))
 
 
-def curve_gap(model: Mapping[str, float], curve: Sequence[Mapping[str, float]], attack: str) -> float:
-    """How much more robust (in the better direction) ``model`` is than the curve at the model's clean value."""
-    value = curve_value([(c["clean"], c[attack]) for c in curve], model["clean"])
+def curve_gap(model: Mapping[str, float], curve: Sequence[Mapping[str, float]], attack: str,
+              higher_is_better: bool = True) -> float:
+    """``model``'s robust value minus the curve's at the model's clean value (unsigned: the caller signs it)."""
+    value = curve_value([(c["clean"], c[attack]) for c in curve], model["clean"], higher_is_better)
     return model[attack] - value
 
 
@@ -146,7 +156,8 @@ def paired_bootstrap(
             out.update({k: sign * (summaries[model][k] - summaries[against][k]) for k in ("clean", *attacks)})
         if curve:
             for attack in attacks:
-                out[f"curve_{attack}"] = sign * curve_gap(summaries[model], [summaries[c] for c in curve], attack)
+                out[f"curve_{attack}"] = sign * curve_gap(summaries[model], [summaries[c] for c in curve], attack,
+                                                          base.higher_is_better)
         return out
 
     point = quantities(None)

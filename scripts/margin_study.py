@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from amat_monai.checkpoints import atomic_write_text  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
-from amat_monai.comparison import paired_bootstrap, read_case_scores  # noqa: E402
+from amat_monai.comparison import frontier, paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
 from amat_monai.workflows import calibrate, train  # noqa: E402
 from reproduce import PROTOCOLS, TASKS, Stages, resume_or_restart  # noqa: E402
@@ -247,7 +247,11 @@ def _plots(out: Path, test: dict[str, dict[str, Any]], order: list[str], history
     fig, ax = plt.subplots(figsize=(6, 4.5))
     try:
         curve = [n for n in order if n in test and (n == "STD" or n.startswith("VAT"))]
-        ax.plot([test[n]["clean"] for n in curve], [test[n]["averages"]["pgd"] for n in curve], "-o", label="STD → VAT_ε")
+        higher = next(iter(test.values()))["higher_is_better"]
+        line = frontier([(test[n]["clean"], test[n]["averages"]["pgd"]) for n in curve], higher)
+        ax.plot(*zip(*line), "-", color="C0", label="VAT's frontier")
+        ax.plot([test[n]["clean"] for n in curve], [test[n]["averages"]["pgd"] for n in curve], "o", color="C0",
+                label="STD, VAT_ε")
         arms = [n for n in order if n in test and n.startswith("AMAT")]
         if best_amat:
             arm = best_amat.split("-")[1]
@@ -353,9 +357,11 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
         n_cases = len(scores["STD"].cases)
         lines += [f"### AMAT against the best VAT ({best_vat}, the best on test) and against VAT's curve", "",
                   f"Paired bootstrap over the {n_cases} test cases ({resamples} resamples), 95 % intervals; "
-                  "positive means AMAT is better. The curve is STD → VAT_ε (piecewise linear in clean "
-                  f"{metric}); its gap is AMAT's robustness minus the curve's at AMAT's clean value (blank: AMAT's "
-                  "clean value lies outside the curve).", "",
+                  "positive means AMAT is better. The curve is VAT's frontier: the line, in clean order, through "
+                  "STD and the VAT_ε arms that no other of them beats on both clean and robust value "
+                  f"(`amat_monai.comparison.frontier`, on the PGD avg resp. IFGSM avg; piecewise linear in clean "
+                  f"{metric}); its gap is AMAT's robustness minus the frontier's at AMAT's clean value (blank: "
+                  "AMAT's clean value lies outside it).", "",
                   "| model | clean − best VAT | PGD avg − best VAT | IFGSM avg − best VAT | PGD avg − curve | IFGSM avg − curve |",
                   "|---|---|---|---|---|---|"]
         for n, c in comparisons.items():

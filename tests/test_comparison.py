@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from amat_monai.comparison import curve_gap, curve_value, paired_bootstrap, read_case_scores
+from amat_monai.comparison import curve_gap, curve_value, frontier, paired_bootstrap, read_case_scores
 
 
 def _write(path, rows):
@@ -45,6 +45,18 @@ def test_curve_interpolates_and_never_extrapolates():
     assert math.isnan(curve_value(pts, 0.9))
     assert curve_gap({"clean": 0.75, "pgd": 0.5}, [{"clean": 0.8, "pgd": 0.2}, {"clean": 0.7, "pgd": 0.6}], "pgd") == \
         pytest.approx(0.1)
+
+
+def test_the_curve_is_vats_frontier_dominated_arms_dropped():
+    # (0.78, 0.56) is beaten on both by (0.782, 0.60): the line runs 0.782 -> 0.77 -> 0.758, not through it
+    pts = [(0.781, 0.22), (0.778, 0.56), (0.770, 0.625), (0.758, 0.654), (0.782, 0.597)]
+    assert frontier(pts) == [(0.758, 0.654), (0.770, 0.625), (0.782, 0.597)]
+    assert curve_value(pts, 0.776) == pytest.approx(0.611)  # halfway between 0.770 and 0.782
+    assert math.isnan(curve_value(pts, 0.785))
+    # errors (lower is better): (2.0, 3.0) is beaten on both by (1.9, 2.5)
+    errors = [(1.7, 6.7), (1.9, 2.5), (2.0, 3.0), (2.2, 2.3)]
+    assert frontier(errors, higher_is_better=False) == [(1.7, 6.7), (1.9, 2.5), (2.2, 2.3)]
+    assert curve_value(errors, 2.05, higher_is_better=False) == pytest.approx(2.4)
 
 
 def test_paired_bootstrap_of_a_uniform_gain(tmp_path):
