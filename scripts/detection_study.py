@@ -7,7 +7,7 @@ For each task, the shipped STD model (``models/baselines/std.pt``) and the shipp
 ``amat-monai detector fit`` (clean training split; thresholds at 5 % false positives on the clean validation
 split), written next to the model, so that the bundle ships it; then ``amat-monai detector evaluate`` on the test
 split: PGD and IFGSM (the cpu protocol's steps), random noise of the same norms, and the adaptive PGD that also
-lowers the detector's score, at two weights; and a check that the bundle's ``inference.json`` path (what MONAI
+lowers a detector's score, against each detector at two weights; and a check that the bundle's ``inference.json`` path (what MONAI
 Label serves) flags clean test images at the rate the thresholds promise. The shipped best-VAT model's detector is
 fitted too (not evaluated). The report (``docs/results/<task>/detection/DETECTION.md`` and
 ``study.json``) is built from the ``detection.json`` files. Stages are resumable: a detector whose json names the
@@ -134,10 +134,13 @@ def run_detection_study(task: str, data_dir: Path, out: Path, device: str | None
         _fit(bundle, dataset, model, out / f"{task}-detection" / model.stem.upper(), device)
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+def _cell(row: dict[str, Any] | None, volumes: dict[str, Any] | None = None) -> str:
     if row is None or row["auc"] is None or not math.isfinite(row["auc"]):
         return "–"
-    return f"{row['auc']:.3f} / {100 * row['detected_at_threshold']:.0f}"
+    text = f"{row['auc']:.3f} / {100 * row['detected_at_threshold']:.0f}"
+    if volumes and volumes.get("auc") is not None and math.isfinite(volumes["auc"]):
+        text += f" ({volumes['auc']:.3f})"
+    return text
 
 
 def write_detection_report(task: str, out: Path, results_dir: Path) -> str | None:
@@ -157,8 +160,13 @@ def write_detection_report(task: str, out: Path, results_dir: Path) -> str | Non
     lines = [f"Test split: {next(iter(reports.values()))['n_samples']} samples per model "
              f"({'slices holding both structures' if task == 'hippocampus' else 'images'}). Each cell: ROC-AUC of "
              "clean against attacked test inputs / % of attacked inputs flagged at the threshold set for 5 % false "
-             "positives on clean validation inputs. `successful`: only the attacked inputs whose metric the attack "
-             f"worsened by at least {next(iter(reports.values()))['success_margin']:g}.", "",
+             "positives on clean validation inputs" + (
+                 "; in brackets the ROC-AUC per volume (a volume's score: the maximum over its evaluated slices)"
+                 if task == "hippocampus" else "") +
+             ". `successful`: only the attacked inputs whose metric the attack worsened by at least "
+             f"{next(iter(reports.values()))['success_margin']:g}. `adaptive (against d, weight w)`: PGD on the task "
+             "loss minus w × detector d's score (white box against model and detector). `clean flagged`: clean test "
+             "inputs above the threshold.", "",
              "| model | detector | attack | " + " | ".join(f"ε {e:g}" for e in eps) + " | clean flagged (%) |",
              "|---|---|---|" + "---|" * len(eps) + "---|"]
     for name, rep in reports.items():
@@ -173,7 +181,8 @@ def write_detection_report(task: str, out: Path, results_dir: Path) -> str | Non
                     continue
                 label = {"grid": attack}.get(source, f"{attack} adaptive ({source})") + (
                     " successful" if successful else "")
-                cells = [_cell(by_eps[e]["successful"] if successful and e in by_eps else by_eps.get(e)) for e in eps]
+                cells = [_cell(by_eps[e]["successful"], None) if successful and e in by_eps else
+                         _cell(by_eps.get(e), (by_eps.get(e) or {}).get("volume")) for e in eps]
                 fp = next(iter(by_eps.values()))["clean_false_positive_rate"]
                 lines.append(f"| {name} | {detector} | {label} | " + " | ".join(cells) +
                              f" | {100 * fp:.1f} |")

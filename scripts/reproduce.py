@@ -291,7 +291,7 @@ def rebuild_results(path: Path, results_dir: Path) -> None:
                      "`amat_monai.attack_detection`: the feature-density detector (a Ledoit–Wolf Gaussian per hooked "
                      "layer, Mahalanobis distance z-scored on clean training data) beside the training-free squeeze "
                      "baseline (median filter, change of the output probabilities). The adaptive rows attack model "
-                     "and density detector together (PGD on the task loss minus weight × the detector's score).", ""]
+                     "and one detector together (PGD on the task loss minus weight × that detector's score).", ""]
         for t, path in detection:
             sections += [f"### {TASKS[t]['title']}", "", path.read_text()]
     header = [

@@ -15,8 +15,10 @@ from torch import nn
 from amat_monai import cli
 from amat_monai.attack_detection import (
     AdaptiveLoss,
+    DetectorAwareModel,
     FeatureDensityDetector,
     ShrunkGaussian,
+    SqueezeDisagreement,
     fit_detectors,
     ledoit_wolf,
     load_detectors,
@@ -101,15 +103,18 @@ def test_a_fitted_detector_flags_an_outlier_and_not_a_clean_sample():
     assert (clean <= threshold).float().mean() >= 0.85  # about 95 % of clean samples pass
 
 
-def test_adaptive_loss_adds_minus_weight_times_the_score_of_the_last_forward():
+def test_adaptive_loss_adds_minus_weight_times_the_detectors_score_of_the_input():
     net = _net().eval()
-    detector = FeatureDensityDetector(net, ["3"]).fit([{"image": _smooth(50, 1)}], progress=False)
+    density = FeatureDensityDetector(net, ["3"]).fit([{"image": _smooth(50, 1)}], progress=False)
     x = _smooth(3, 4)
-    pred = net(x)
-    terms = AdaptiveLoss(lambda p, y: (p - y).pow(2).flatten(1).mean(1), detector, weight=2.5)(pred, torch.zeros_like(pred))
-    assert terms.shape == (3, 2)
-    assert torch.allclose(terms[:, 0], pred.pow(2).flatten(1).mean(1))
-    assert torch.allclose(terms[:, 1], -2.5 * detector(x))
+    for detector in (density, SqueezeDisagreement(net)):
+        aware = DetectorAwareModel(net, detector)
+        pred = aware(x)
+        loss = AdaptiveLoss(lambda p, y: (p - y).pow(2).flatten(1).mean(1), aware, weight=2.5)
+        terms = loss(pred, torch.zeros_like(pred))
+        assert terms.shape == (3, 2)
+        assert torch.allclose(terms[:, 0], pred.pow(2).flatten(1).mean(1))
+        assert torch.allclose(terms[:, 1], -2.5 * detector(x))
 
 
 def test_few_samples_for_the_dimension_are_shrunk_and_said(caplog):
@@ -168,27 +173,37 @@ def test_fit_reads_training_and_validation_cases_only(seg_model, capsys):
     assert 0.0 <= info["validation_false_positive_rate"]["sample"] <= 0.05
 
 
-def test_evaluate_reports_every_attack_noise_and_the_adaptive_attack(seg_model, tmp_path, capsys):
+def test_evaluate_reports_every_attack_noise_and_the_adaptive_attacks(seg_model, tmp_path, capsys):
     task, run = seg_model
     model = run / "models" / "model.pt"
     if not (run / "models" / "detector.json").is_file():
         test_fit_reads_training_and_validation_cases_only(seg_model, capsys)
     out = tmp_path / "det"
-    assert cli.main(["detector", "evaluate", "--bundle", str(SEG), "--dataset-dir", str(task), "--output-dir", str(out),
-                     "--checkpoint", str(model), "--device", "cpu", "--attacks", "pgd,ifgsm", "--eps", "1,4",
-                     "--steps", "2,2", "--adaptive-weights", "5", *_overrides(SEG_TINY)]) == 0
+    argv = ["detector", "evaluate", "--bundle", str(SEG), "--dataset-dir", str(task), "--output-dir", str(out),
+            "--checkpoint", str(model), "--device", "cpu", "--attacks", "pgd,ifgsm", "--eps", "1,4", "--steps", "2,2",
+            "--adaptive-weights", "5", *_overrides(SEG_TINY)]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| density | pgd-2 | 4 |" in printed and "pgd-2 adaptive (weight 5)" in printed
+    assert "| density | pgd-2 | 4 |" in printed and "pgd-2 adaptive (against squeeze, weight 5)" in printed
     report = json.loads((out / "detection.json").read_text())
     keys = {(r["detector"], r["attack"], r["eps"], r["source"]) for r in report["rows"]}
     for detector in ("density", "squeeze"):
         for attack in ("pgd", "ifgsm", "noise"):
             assert {(detector, attack, 1.0, "grid"), (detector, attack, 4.0, "grid")} <= keys
-        assert (detector, "pgd", 4.0, "weight 5") in keys
+        for target in ("density", "squeeze"):
+            assert (detector, "pgd", 4.0, f"against {target}, weight 5") in keys
     assert all(0.0 <= r["auc"] <= 1.0 and "volume" in r for r in report["rows"])
-    # the adaptive attack lowers the density score it is told to lower
-    grid = {(r["detector"], r["attack"], r["eps"], r["source"]): r for r in report["rows"]}
-    assert grid[("density", "pgd", 4.0, "weight 5")]["auc"] < grid[("density", "pgd", 4.0, "grid")]["auc"]
+    # each adaptive attack lowers the score of the detector it is told to evade
+    rows = {(r["detector"], r["attack"], r["eps"], r["source"]): r for r in report["rows"]}
+    for target in ("density", "squeeze"):
+        assert rows[(target, "pgd", 4.0, f"against {target}, weight 5")]["auc"] < rows[(target, "pgd", 4.0, "grid")]["auc"]
+    # run again: every finished robust evaluation is reused (not rewritten), the report is the same
+    runs = sorted(out.glob("*/robustness.json"))
+    assert [p.parent.name for p in runs] == ["adaptive-density-5", "adaptive-squeeze-5", "attacks"]
+    written = [p.stat().st_mtime_ns for p in runs]
+    assert cli.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in runs] == written
+    assert json.loads((out / "detection.json").read_text())["rows"] == report["rows"]
 
 
 def test_evaluate_refuses_a_detector_of_another_checkpoint(seg_model, tmp_path, capsys):

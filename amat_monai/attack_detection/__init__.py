@@ -8,7 +8,7 @@
   ``detector.json`` (the checkpoint's SHA-256, layers, thresholds from clean validation scores).
 * :func:`screen`: the verdict on one image or volume (per slice and per volume), as MONAI Label serves it.
 * :func:`evaluate_detectors`: ROC-AUC and detection rates under the robust evaluator's attacks, random noise,
-  and the adaptive attack (:class:`AdaptiveLoss`) that also lowers the detector's score.
+  and the adaptive attack (:class:`DetectorAwareModel` + :class:`AdaptiveLoss`) that also lowers a detector's score.
 """
 
 from amat_monai.attack_detection.detector import (
@@ -22,6 +22,7 @@ from amat_monai.attack_detection.detector import (
 from amat_monai.attack_detection.gaussian import ShrunkGaussian, ledoit_wolf
 from amat_monai.attack_detection.workflow import (
     AdaptiveLoss,
+    DetectorAwareModel,
     detection_table,
     evaluate_detectors,
     fit_detectors,
@@ -39,6 +40,7 @@ __all__ = [
     "detector_paths",
     "screen",
     "roc_auc",
+    "DetectorAwareModel",
     "AdaptiveLoss",
     "fit_detectors",
     "load_detectors",

@@ -148,6 +148,10 @@ class FeatureDensityDetector(nn.Module):
         """Score of the network's last forward pass, ``[B]`` (differentiable)."""
         return self._combine(self._layer_distances(self.captured_features()))
 
+    def score_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Score of ``x`` given the network's ``output`` for it, just computed (the hooks recorded that pass)."""
+        return self.score_captured()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.features(x)
         return self.score_captured()
@@ -228,6 +232,7 @@ class FeatureDensityDetector(nn.Module):
                                                           torch.from_numpy(arrays[f"precision_{i}"]).float())
         detector.thresholds = {k: float(v) for k, v in (info.get("thresholds") or {}).items()}
         detector.provenance = info
+        detector.statistics_sha256 = file_sha256(npz_path)
         return detector
 
 
@@ -257,11 +262,15 @@ class SqueezeDisagreement(nn.Module):
             return out.softmax(dim=1)
         return torch.sigmoid(out[:, : int(self.probabilities.split(":", 1)[1])])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Score of ``x`` given the network's ``output`` for it (one more pass, on the filtered input)."""
         spatial = x.ndim - 2
         squeezed = median_filter(x, kernel_size=[self.kernel_size] * spatial, spatial_dims=spatial)
-        diff = self._probabilities(self.network(x)) - self._probabilities(self.network(squeezed))
+        diff = self._probabilities(output) - self._probabilities(self.network(squeezed))
         return diff.abs().flatten(1).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_output(x, self.network(x))
 
 
 @torch.no_grad()

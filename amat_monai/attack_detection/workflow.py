@@ -12,6 +12,7 @@ detection rates per attack and ε, on all attacks and on the successful ones onl
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -33,13 +34,14 @@ from amat_monai.attack_detection.detector import (
     threshold_at,
 )
 from amat_monai.attacks import per_sample_terms
-from amat_monai.checkpoints import atomic_write_text, load_checkpoint, read_json
+from amat_monai.checkpoints import atomic_write_text, file_sha256, load_checkpoint, read_json
 from amat_monai.evaluation import make_attacks, robust_evaluate
 from amat_monai.metrics import TaskMetric
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["roc_auc", "AdaptiveLoss", "fit_detectors", "load_detectors", "evaluate_detectors", "detection_table"]
+__all__ = ["roc_auc", "DetectorAwareModel", "AdaptiveLoss", "fit_detectors", "load_detectors", "evaluate_detectors",
+           "detection_table"]
 
 
 def roc_auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
@@ -63,20 +65,37 @@ def roc_auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
     return float(u / (neg.size * pos.size))
 
 
-class AdaptiveLoss:
-    """The adaptive attacker's loss: the task's per-sample terms and ``-weight`` × the detector's score.
+class DetectorAwareModel(nn.Module):
+    """The network as the adaptive attacker sees it: each forward pass also scores its input with ``detector``.
 
-    The detector scores the forward pass the attack just made (its hooks recorded it), so the attack climbs the
-    task loss while keeping the input's features typical of clean data.
+    The score of the last pass is kept in ``last_score`` for :class:`AdaptiveLoss`, so that an attack that calls
+    ``model(x)`` and then ``loss(pred, y)`` differentiates through the network and the detector together.
     """
 
-    def __init__(self, loss_fn: Callable, detector: FeatureDensityDetector, weight: float) -> None:
-        self.loss_fn, self.detector, self.weight = loss_fn, detector, float(weight)
+    def __init__(self, network: nn.Module, detector: nn.Module) -> None:
+        super().__init__()
+        self.network, self.detector = network, detector
+        self.last_score: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        self.last_score = self.detector.score_output(x, out)
+        return out
+
+
+class AdaptiveLoss:
+    """The adaptive attacker's loss: the task's per-sample terms and ``-weight`` × the detector's score of the
+    input (from ``model``, the :class:`DetectorAwareModel` that made the prediction): the attack climbs the task
+    loss while keeping its input unsuspicious."""
+
+    def __init__(self, loss_fn: Callable, model: DetectorAwareModel, weight: float) -> None:
+        self.loss_fn, self.model, self.weight = loss_fn, model, float(weight)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         terms = per_sample_terms(self.loss_fn(pred, target), pred.shape[0])
-        score = self.detector.score_captured().to(terms)
-        return torch.cat([terms, -self.weight * score[:, None]], dim=1)
+        if self.model.last_score is None:
+            raise RuntimeError("AdaptiveLoss: the DetectorAwareModel has not scored a forward pass yet")
+        return torch.cat([terms, -self.weight * self.model.last_score.to(terms)[:, None]], dim=1)
 
 
 def _case_of(batch: Mapping[str, Any], n: int) -> list[str]:
@@ -189,6 +208,37 @@ def load_detectors(network: nn.Module, checkpoint: str | os.PathLike,
     return {"density": density, "squeeze": squeeze}
 
 
+#: robustness.csv columns that stay text
+_TEXT_COLUMNS = {"sample_id", "attack", "norm", "role"}
+
+
+def _record(folder: Path, statistics: str, report: dict[str, Any]) -> dict[str, Any]:
+    atomic_write_text(folder / "detector_statistics.sha256", statistics + "\n")
+    return report
+
+
+def _cached(folder: Path, checkpoint: str | os.PathLike, statistics: str, grid: Sequence, eps: Sequence[float],
+            metric: TaskMetric) -> dict[str, Any] | None:
+    """A finished robust evaluation in ``folder`` of the same checkpoint, detector statistics and grid, with its
+    per-sample rows read back from ``robustness.csv``; ``None`` when there is none."""
+    files = [folder / n for n in ("robustness.json", "robustness.csv", "detector_statistics.sha256")]
+    if not all(f.is_file() for f in files) or files[2].read_text().strip() != statistics:
+        return None
+    report = read_json(files[0])
+    wanted = {(spec.name, float(e), spec.effective_steps) for spec in grid for e in eps}
+    if report.get("checkpoint_sha256") != file_sha256(checkpoint) or \
+            {(r["attack"], float(r["eps"]), int(r["steps"])) for r in report["results"]} != wanted:
+        return None
+    text = _TEXT_COLUMNS | set(metric.meta_keys)
+    with open(files[1], newline="") as f:
+        rows = [{k: (v if k in text else (float(v) if v != "" else float("nan"))) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    for r in rows:
+        r["steps"] = int(r["steps"])
+    logger.info(f"detector evaluation: reusing the finished run in {folder}")
+    return {**report, "rows": rows}
+
+
 def _rates(clean: np.ndarray, attacked: np.ndarray, threshold: float | None, fpr: float) -> dict[str, Any]:
     row: dict[str, Any] = {"n": int(attacked.size), "auc": roc_auc(clean, attacked)}
     if attacked.size:
@@ -267,6 +317,7 @@ def evaluate_detectors(
     norm: str = "l2",
     clamp: Sequence[float] | None = None,
     adaptive_weights: Sequence[float] = (1.0,),
+    adaptive_detectors: Sequence[str] = ("density", "squeeze"),
     adaptive_steps: int | None = None,
     detector_json: str | os.PathLike | None = None,
     success_margin: float | None = None,
@@ -279,32 +330,41 @@ def evaluate_detectors(
 ) -> dict[str, Any]:
     """Measure the detectors of ``checkpoint`` on clean and attacked test inputs; writes ``detection.json/.md``.
 
-    Random noise of every ε joins the grid (it should not be flagged). ``success_margin``: an attack succeeded
-    when it lowered the metric by at least this much (raised it, for errors); default 0.1 for Dice-like
-    metrics and 1.0 (mm) for errors.
+    Random noise of every ε joins the grid (it should not be flagged). The adaptive attack (PGD on the task loss
+    minus ``weight`` × the detector's score, through :class:`DetectorAwareModel`) runs against each of
+    ``adaptive_detectors`` at each of ``adaptive_weights``. ``success_margin``: an attack succeeded when it lowered
+    the metric by at least this much (raised it, for errors); default 0.1 for Dice-like metrics and 1.0 (mm) for
+    errors. Each robust evaluation's folder (``attacks/``, ``adaptive-<detector>-<weight>/``) is reused when it
+    holds a finished run of the same checkpoint, detector statistics and attack grid.
     """
     load_checkpoint(network, checkpoint, device)
     network.eval()
     detectors = load_detectors(network, checkpoint, detector_json)
+    statistics = detectors["density"].statistics_sha256
     names = [a for a in attacks if a != "noise"]
     specs = make_attacks([*names, "noise"], task=task, steps=[*steps, 1] if steps else None, norm=norm, clamp=clamp)
     out = Path(output_dir)
     common = dict(metric=metric, eps=eps, task=task, device=device, inferer=inferer, checkpoint=checkpoint,
                   seed=seed, sanity=False, progress=progress, input_scores=detectors)
-    report = robust_evaluate(network, loss_fn, dataloader, attacks=specs, output_dir=out / "attacks", **common)
+
+    def run(folder: Path, model: nn.Module, loss: Callable, grid: list) -> dict[str, Any]:
+        return _cached(folder, checkpoint, statistics, grid, eps, metric) or _record(
+            folder, statistics, robust_evaluate(model, loss, dataloader, attacks=grid, output_dir=folder, **common))
+
+    report = run(out / "attacks", network, loss_fn, specs)
     if success_margin is None:
         success_margin = 0.1 if report["higher_is_better"] else 1.0
     volume_key = "case" if "case" in getattr(metric, "meta_keys", ()) else None
     args = (detectors, report["metric"], report["higher_is_better"], success_margin, false_positive_rate, volume_key)
     table = detection_table(report["rows"], *args, source="grid")
     pgd = next((s for s in specs if s.name == "pgd"), None)
-    pgd_steps = adaptive_steps or (pgd.effective_steps if pgd is not None else 20)
-    for weight in adaptive_weights:
-        adaptive = make_attacks(["pgd"], task=task, steps=[pgd_steps], norm=norm, clamp=clamp)
-        adaptive_loss = AdaptiveLoss(loss_fn, detectors["density"], weight)
-        rep = robust_evaluate(network, adaptive_loss, dataloader, attacks=adaptive,
-                              output_dir=out / f"adaptive-{weight:g}", **common)
-        table += detection_table(rep["rows"], *args, source=f"weight {weight:g}")
+    adaptive = make_attacks(["pgd"], task=task, steps=[adaptive_steps or (pgd.effective_steps if pgd else 20)],
+                            norm=norm, clamp=clamp)
+    for target in adaptive_detectors:
+        for weight in adaptive_weights:
+            aware = DetectorAwareModel(network, detectors[target])
+            rep = run(out / f"adaptive-{target}-{weight:g}", aware, AdaptiveLoss(loss_fn, aware, weight), adaptive)
+            table += detection_table(rep["rows"], *args, source=f"against {target}, weight {weight:g}")
     result = {
         "checkpoint": str(checkpoint),
         "metric": report["metric"],
