@@ -90,7 +90,7 @@ def served_clean_flags(task: str, bundle: Path, model: Path, images: list[Path])
     import torch
     from monai.bundle import ConfigParser
 
-    from amat_monai.attack_detection import FeatureDensityDetector, screen
+    from amat_monai.attack_detection import FeatureDensityDetector, screen, squeeze_baseline
     from amat_monai.checkpoints import load_checkpoint
 
     parser = ConfigParser()
@@ -102,6 +102,7 @@ def served_clean_flags(task: str, bundle: Path, model: Path, images: list[Path])
     network.eval()
     npz, js = detector_paths(model)
     detector = FeatureDensityDetector.load(network, npz, js, model)
+    baseline = squeeze_baseline(network, detector.provenance)
     preprocessing = parser.get_parsed_content("preprocessing")
     inferer = parser.get("inferer", {})
     slice_dim = inferer.get("spatial_dim", 0) if str(inferer.get("_target_", "")).endswith("SliceInferer") else None
@@ -109,11 +110,15 @@ def served_clean_flags(task: str, bundle: Path, model: Path, images: list[Path])
     with torch.no_grad():
         for image in images:
             data = preprocessing({"image": str(image)})
-            verdicts[image.name] = screen(detector, data["image"], slice_dim)
-    flagged = [name for name, v in verdicts.items() if v["flag"]]
-    return {"n": len(verdicts), "flagged": flagged, "rate": len(flagged) / max(len(verdicts), 1),
-            "threshold": next(iter(verdicts.values()))["threshold"] if verdicts else None,
-            "scores": {k: v["score"] for k, v in verdicts.items()}}
+            verdicts[image.name] = screen(detector, data["image"], slice_dim, baseline=baseline)
+
+    def summary(vs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        flagged = [name for name, v in vs.items() if v["flag"]]
+        return {"n": len(vs), "flagged": flagged, "rate": len(flagged) / max(len(vs), 1),
+                "threshold": next(iter(vs.values()))["threshold"] if vs else None,
+                "scores": {k: v["score"] for k, v in vs.items()}}
+
+    return {**summary(verdicts), "squeeze": summary({k: v["squeeze"] for k, v in verdicts.items()})}
 
 
 def run_detection_study(task: str, data_dir: Path, out: Path, device: str | None) -> None:
@@ -192,9 +197,12 @@ def write_detection_report(task: str, out: Path, results_dir: Path) -> str | Non
               f"({', '.join(study['override']) or 'bundle defaults'}; PGD-{study['steps'][0]}, IFGSM-{study['steps'][1]}).", ""]
     unit = "volumes" if task == "hippocampus" else "images"
     for name, v in served.items():
+        squeeze = v.get("squeeze")
+        extra = f"; the squeeze baseline {len(squeeze['flagged'])} ({100 * squeeze['rate']:.1f} %)" if squeeze else ""
         lines.append(f"Served path ({name}): the bundle's `inference.json` preprocessing and "
-                     f"`amat_monai.attack_detection.screen`, as MONAI Label runs them, flag {len(v['flagged'])} of the "
-                     f"{v['n']} clean test {unit} ({100 * v['rate']:.1f} %; threshold {v['threshold']:.3f}).")
+                     f"`amat_monai.attack_detection.screen`, as MONAI Label runs them: the density detector flags "
+                     f"{len(v['flagged'])} of the {v['n']} clean test {unit} ({100 * v['rate']:.1f} %; threshold "
+                     f"{v['threshold']:.3f}){extra}.")
     md = "\n".join(lines + [""])
     folder = results_dir / task / "detection"
     atomic_write_text(folder / "DETECTION.md", md)

@@ -456,6 +456,10 @@ def test_infer_carries_the_attack_detectors_verdict_per_slice_and_per_volume(tin
     assert clean["score"] == pytest.approx(max(clean["slices"]["score"]))
     assert clean["flag"] is False and odd["flag"] is True and all(odd["slices"]["flag"])
     assert odd["score"] > 10 * odd["threshold"]
+    # the squeeze baseline's verdict beside it, with its own thresholds
+    squeeze = clean["squeeze"]
+    assert squeeze["threshold"] == pytest.approx(detector["squeeze"]["thresholds"]["volume"])
+    assert len(squeeze["slices"]["score"]) == SEG_SHAPE[0] and squeeze["score"] == pytest.approx(max(squeeze["slices"]["score"]))
 
 
 @needs_label_env

@@ -28,6 +28,7 @@ from amat_monai.attack_detection.workflow import (
     fit_detectors,
     load_detectors,
     roc_auc,
+    squeeze_baseline,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "AdaptiveLoss",
     "fit_detectors",
     "load_detectors",
+    "squeeze_baseline",
     "evaluate_detectors",
     "detection_table",
 ]

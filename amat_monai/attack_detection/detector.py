@@ -275,7 +275,8 @@ class SqueezeDisagreement(nn.Module):
 
 @torch.no_grad()
 def screen(detector: FeatureDensityDetector, image: torch.Tensor, slice_dim: int | None = None,
-           slice_size: Sequence[int] | None = None, batch_size: int = 32) -> dict[str, Any]:
+           slice_size: Sequence[int] | None = None, batch_size: int = 32,
+           baseline: SqueezeDisagreement | None = None) -> dict[str, Any]:
     """The detector's verdict on one channel-first image (no batch dimension), as MONAI Label serves it.
 
     Args:
@@ -286,25 +287,35 @@ def screen(detector: FeatureDensityDetector, image: torch.Tensor, slice_dim: int
         slice_size: pad (with 0) or crop each slice, centred, to this size first, as the training slices were
             (default: the ``slice_size`` the detector was fitted with, e.g. the hippocampus bundle's ``patch_size``).
         batch_size: slices scored per forward pass.
+        baseline: also give this detector's verdict (e.g. the squeeze baseline, with its thresholds), under
+            ``"squeeze"``.
 
     Returns:
         ``{"score", "threshold", "flag"}``, plus ``"slices": {"axis", "score", "threshold", "flag"}`` (lists over
-        the slices) when ``slice_dim`` is given.
+        the slices) when ``slice_dim`` is given, plus the baseline's verdict in the same form.
     """
     param = next(detector.network.parameters(), None)
     x = _plain(image).float().to(param.device if param is not None else "cpu")
-    t_sample = float(detector.thresholds["sample"])
     if slice_dim is None:
-        score = float(detector(x[None])[0])
-        return {"score": score, "threshold": t_sample, "flag": score > t_sample}
-    slices = x.movedim(1 + slice_dim, 0)  # [S, C, *other spatial]
-    slice_size = slice_size or detector.provenance.get("slice_size")
-    if slice_size is not None:
-        resize = ResizeWithPadOrCrop(list(slice_size), mode="constant", value=0.0)
-        slices = torch.stack([_plain(resize(s)) for s in slices])
-    scores = torch.cat([detector(slices[i: i + batch_size]) for i in range(0, slices.shape[0], batch_size)])
-    t_volume = float(detector.thresholds.get("volume", t_sample))
-    volume = float(scores.max())
-    return {"score": volume, "threshold": t_volume, "flag": volume > t_volume,
-            "slices": {"axis": slice_dim, "score": [float(v) for v in scores], "threshold": t_sample,
-                       "flag": [bool(v > t_sample) for v in scores]}}
+        batch = x[None]
+    else:
+        batch = x.movedim(1 + slice_dim, 0)  # [S, C, *other spatial]
+        slice_size = slice_size or detector.provenance.get("slice_size")
+        if slice_size is not None:
+            resize = ResizeWithPadOrCrop(list(slice_size), mode="constant", value=0.0)
+            batch = torch.stack([_plain(resize(s)) for s in batch])
+
+    def verdict(scorer: nn.Module, thresholds: Mapping[str, float]) -> dict[str, Any]:
+        scores = torch.cat([scorer(batch[i: i + batch_size]) for i in range(0, batch.shape[0], batch_size)])
+        t_sample = float(thresholds["sample"])
+        if slice_dim is None:
+            return {"score": float(scores[0]), "threshold": t_sample, "flag": bool(scores[0] > t_sample)}
+        t_volume, volume = float(thresholds.get("volume", t_sample)), float(scores.max())
+        return {"score": volume, "threshold": t_volume, "flag": volume > t_volume,
+                "slices": {"axis": slice_dim, "score": [float(v) for v in scores], "threshold": t_sample,
+                           "flag": [bool(v > t_sample) for v in scores]}}
+
+    out = verdict(detector, detector.thresholds)
+    if baseline is not None:
+        out[baseline.kind] = verdict(baseline, baseline.thresholds)
+    return out

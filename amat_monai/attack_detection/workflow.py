@@ -40,8 +40,8 @@ from amat_monai.metrics import TaskMetric
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["roc_auc", "DetectorAwareModel", "AdaptiveLoss", "fit_detectors", "load_detectors", "evaluate_detectors",
-           "detection_table"]
+__all__ = ["roc_auc", "DetectorAwareModel", "AdaptiveLoss", "fit_detectors", "load_detectors", "squeeze_baseline",
+           "evaluate_detectors", "detection_table"]
 
 
 def roc_auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
@@ -202,10 +202,15 @@ def load_detectors(network: nn.Module, checkpoint: str | os.PathLike,
         if not Path(path).is_file():
             raise FileNotFoundError(f"detector file not found: {path} (fit it with `amat-monai detector fit`)")
     density = FeatureDensityDetector.load(network, npz, js, checkpoint)
-    info = density.provenance["squeeze"]
+    return {"density": density, "squeeze": squeeze_baseline(network, density.provenance)}
+
+
+def squeeze_baseline(network: nn.Module, provenance: Mapping[str, Any]) -> SqueezeDisagreement:
+    """The squeeze baseline that ``detector.json`` (its ``provenance``) describes, with its thresholds."""
+    info = provenance["squeeze"]
     squeeze = SqueezeDisagreement(network, info["probabilities"], info["kernel_size"])
     squeeze.thresholds = {k: float(v) for k, v in info["thresholds"].items()}
-    return {"density": density, "squeeze": squeeze}
+    return squeeze
 
 
 #: robustness.csv columns that stay text

@@ -7,7 +7,8 @@ strictly, the postprocessing's save transforms (:data:`SAVE_TRANSFORMS`) are dro
 a ``SliceInferer`` (a 2D network run over 3D volumes) reports dimension 3, and results are written by
 :func:`amat_monai.label.writer.write_label` (MONAI's writers, no ITK). A bundle that ships the attack detector of
 its model (``models/detector.json`` + ``detector.npz``, from ``amat-monai detector fit``) adds its verdict to every
-result: ``{"adversarial": {"score", "threshold", "flag"}}``, with per-slice lists for volumes
+result: ``{"adversarial": {"score", "threshold", "flag", "squeeze": {...}}}`` (the feature-density detector's
+verdict, and the squeeze baseline's under ``squeeze``), with per-slice lists for volumes
 (:func:`amat_monai.attack_detection.screen`).
 Import this module only in the MONAI Label server process (after :func:`amat_monai.label.compat.install`).
 """
@@ -26,7 +27,7 @@ from monai.transforms import SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from amat_monai.attack_detection import FeatureDensityDetector, detector_paths, screen
+from amat_monai.attack_detection import FeatureDensityDetector, detector_paths, screen, squeeze_baseline
 from amat_monai.checkpoints import file_sha256, read_json
 from amat_monai.label.landmarks import check_landmark_result, find_landmark_decoder, landmark_label_map, to_image_grid
 from amat_monai.label.writer import write_label
@@ -126,6 +127,7 @@ class AmatBundleInferTask(BundleInferTask):
             self.slice_dim = int(inferer.get("spatial_dim", 0))
         self.detector_files = _detector_files(path)
         self._detector: FeatureDensityDetector | None = None
+        self._baseline = None
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         data = super().run_inferer(data, convert_to_batch, device)
@@ -134,8 +136,9 @@ class AmatBundleInferTask(BundleInferTask):
             if self._detector is None or self._detector.network is not network:
                 npz, js = self.detector_files
                 self._detector = FeatureDensityDetector.load(network, npz, js)
+                self._baseline = squeeze_baseline(network, self._detector.provenance)
             image = torch.as_tensor(data[self.input_key])
-            data[self.verdict_key] = screen(self._detector, image, self.slice_dim)
+            data[self.verdict_key] = screen(self._detector, image, self.slice_dim, baseline=self._baseline)
         return data
 
     def result_json(self, data: dict[str, Any]) -> dict[str, Any]:
