@@ -1,4 +1,5 @@
-"""Task metrics for robust evaluation: the plug-in interface, segmentation Dice and landmark radial errors.
+"""Task metrics for robust evaluation: the plug-in interface, segmentation Dice, landmark radial errors and
+detection mAP.
 
 The robust evaluator (:mod:`amat_monai.evaluation`) knows nothing about tasks. It asks a :class:`TaskMetric`
 for per-sample values of the network output on clean and on attacked inputs, keeps the worst of several
@@ -46,6 +47,8 @@ __all__ = [
     "mean_radial_error",
     "successful_detection_rates",
     "SDR_RADII_MM",
+    "coco_map",
+    "DetectionMetric",
 ]
 
 #: The SDR radii of the ISBI 2015 challenge, in mm.
@@ -89,7 +92,8 @@ class TaskMetric:
         Returns:
             A dict of ``[B]`` float tensors (any device). It must contain ``self.name``. ``NaN`` marks a value
             that is undefined for that sample (excluded from averages). Keys starting with ``_`` are
-            internal (e.g. confusion counts for :meth:`aggregate`) and are not written to the CSV.
+            internal (e.g. confusion counts for :meth:`aggregate`), are not written to the CSV, and may be
+            ``[B, ...]`` (e.g. a sample's padded boxes).
         """
         raise NotImplementedError
 
@@ -97,7 +101,8 @@ class TaskMetric:
         """Summary values from the per-sample values of a whole test split.
 
         Args:
-            columns: every key returned by :meth:`per_sample`, concatenated over batches, ``[N]`` arrays.
+            columns: every key returned by :meth:`per_sample`, concatenated over batches, ``[N]`` arrays
+                (``[N, ...]`` for internal keys of more dimensions).
             meta: ``"sample_id"`` and each of ``meta_keys``, ``N`` values each (``None`` when a batch lacked it).
 
         Returns:
@@ -344,4 +349,102 @@ class LandmarkMetric(TaskMetric):
         out = {"mre": mean_radial_error(errors)}
         for r, rate in successful_detection_rates(errors, self.radii).items():
             out[f"sdr_{r:g}"] = rate
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Object detection
+# --------------------------------------------------------------------------------------------------------
+def coco_map(detections: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Mapping[str, np.ndarray]],
+             classes: Sequence[str], max_detections: int = 100) -> dict[str, float]:
+    """COCO mAP@0.5:0.95, AP@0.5, AP@0.75 and per-class mAP over images (MONAI's ``matching_batch`` + ``COCOMetric``).
+
+    Args:
+        detections: per image ``{"boxes" [D, 4], "labels" [D], "scores" [D]}``.
+        truths: per image ``{"boxes" [G, 4], "labels" [G]}``.
+        classes: class names, in label order.
+
+    Returns:
+        ``{"map", "map50", "map75", "map_<class>"...}``; NaN when no image has a ground-truth box.
+    """
+    from monai.apps.detection.metrics.coco import COCOMetric
+    from monai.apps.detection.metrics.matching import matching_batch
+    from monai.data.box_utils import box_iou
+
+    if not any(len(t["boxes"]) for t in truths):
+        return {"map": float("nan"), "map50": float("nan"), "map75": float("nan"),
+                **{f"map_{c}": float("nan") for c in classes}}
+    coco = COCOMetric(classes=list(classes), iou_list=(0.5, 0.75), iou_range=(0.5, 0.95, 0.05),
+                      max_detection=(max_detections,), verbose=False)
+    matched = matching_batch(box_iou, coco.iou_thresholds, [d["boxes"] for d in detections],
+                             [d["labels"] for d in detections], [d["scores"] for d in detections],
+                             [t["boxes"] for t in truths], [t["labels"] for t in truths],
+                             max_detections=max_detections)
+    values, _ = coco(matched)
+    suffix = f"MaxDet_{max_detections}"
+    out = {"map": values[f"mAP_IoU_0.50_0.95_0.05_{suffix}"], "map50": values[f"AP_IoU_0.50_{suffix}"],
+           "map75": values[f"AP_IoU_0.75_{suffix}"]}
+    out.update({f"map_{c}": values.get(f"{c}_mAP_IoU_0.50_0.95_0.05_{suffix}", float("nan")) for c in classes})
+    return {k: float(v) if v is not None and v >= 0 else float("nan") for k, v in out.items()}
+
+
+class DetectionMetric(TaskMetric):
+    """mAP@0.5:0.95 over the test images (COCO; also mAP@0.5, mAP@0.75 and per-class mAP).
+
+    Args:
+        detect: ``detect(pred) -> [{"boxes", "labels", "labels_scores"}]`` per image, e.g.
+            :meth:`amat_monai.object_detection.PerSampleRetinaNetDetector.detect`.
+        classes: class names, in label order.
+        label_key: the batch key of the padded ground truth ``[B, M, 5]`` (:func:`~amat_monai.object_detection.pad_boxes`).
+        max_boxes: ground-truth rows kept per image (an image with more is an error).
+        max_detections: detections kept per image (the highest scores), COCO's 100.
+
+    Per sample, ``map`` is the image's own mAP (the attacks' restarts are compared on it); the reported ``map``
+    is the data set's, from every image's detections together (:func:`coco_map`).
+    """
+
+    name = "map"
+    higher_is_better = True
+    tolerance = 0.01
+    digits = 4
+
+    def __init__(self, detect: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]], classes: Sequence[str],
+                 label_key: str = CommonKeys.LABEL, max_boxes: int = 64, max_detections: int = 100) -> None:
+        self.detect, self.classes, self.label_key = detect, tuple(classes), label_key
+        self.max_boxes, self.max_detections = int(max_boxes), int(max_detections)
+
+    @staticmethod
+    def _unpack(dets: np.ndarray, gts: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        keep, real = dets[:, 5] >= 0, gts[:, 4] >= 0
+        return ({"boxes": dets[keep, :4], "scores": dets[keep, 4], "labels": dets[keep, 5].astype(int)},
+                {"boxes": gts[real, :4], "labels": gts[real, 4].astype(int)})
+
+    def per_sample(self, pred: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        from amat_monai.object_detection import unpad_boxes
+
+        detections = self.detect(pred)
+        truths = unpad_boxes(batch[self.label_key])
+        n = len(detections)
+        dets = torch.full((n, self.max_detections, 6), -1.0, dtype=torch.float64)
+        gts = torch.full((n, self.max_boxes, 5), -1.0, dtype=torch.float64)
+        per_image = torch.full((n,), float("nan"), dtype=torch.float64)
+        for i, (d, (boxes, labels)) in enumerate(zip(detections, truths)):
+            if boxes.shape[0] > self.max_boxes:
+                raise ValueError(f"image {i} has {boxes.shape[0]} ground-truth boxes, more than max_boxes={self.max_boxes}")
+            order = torch.argsort(d["labels_scores"], descending=True)[: self.max_detections]
+            k = int(order.numel())
+            dets[i, :k, :4] = d["boxes"][order].double().cpu()
+            dets[i, :k, 4] = d["labels_scores"][order].double().cpu()
+            dets[i, :k, 5] = d["labels"][order].double().cpu()
+            gts[i, : boxes.shape[0], :4] = boxes.double().cpu()
+            gts[i, : boxes.shape[0], 4] = labels.double().cpu()
+            det, truth = self._unpack(dets[i].numpy(), gts[i].numpy())
+            per_image[i] = coco_map([det], [truth], self.classes, self.max_detections)["map"]
+        return {"map": per_image, "_detections": dets, "_truths": gts}
+
+    def aggregate(self, columns: Mapping[str, np.ndarray], meta: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        pairs = [self._unpack(d, g) for d, g in zip(columns["_detections"], columns["_truths"])]
+        out = coco_map([p[0] for p in pairs], [p[1] for p in pairs], self.classes, self.max_detections)
+        out["map_image_mean"] = _nanmean(columns["map"])
+        out["n_map"] = float(len(pairs))
         return out

@@ -84,3 +84,54 @@ def test_detect_returns_boxes_labels_and_scores(detector):
         assert (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 128).all() and set(labels.tolist()) <= {0, 1, 2}
     with pytest.raises(RuntimeError, match="do not match the anchors"):
         detector.detect(torch.zeros(1, 10, 7))
+
+
+# ------------------------------------------------------------------ the metric
+def _fake_detect(detections):
+    return lambda pred: [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+                          "labels": torch.tensor(lab, dtype=torch.long), "labels_scores": torch.tensor(s)}
+                         for b, lab, s in detections]
+
+
+def _metric_value(detections, truths, classes=("a", "b")):
+    from amat_monai.metrics import DetectionMetric
+
+    metric = DetectionMetric(_fake_detect(detections), classes, max_boxes=4, max_detections=5)
+    label = pad_boxes([torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b, _ in truths],
+                      [torch.tensor(lab) for _, lab in truths], max_boxes=4)
+    columns = {k: v.numpy() for k, v in metric.per_sample(torch.zeros(len(truths)), {"label": label}).items()}
+    return metric.aggregate(columns, {}), columns
+
+
+def test_map_of_perfect_predictions_is_one():
+    boxes = [[0, 0, 10, 10], [20, 20, 30, 35]]
+    summary, columns = _metric_value([(boxes, [0, 1], [0.9, 0.8])], [(boxes, [0, 1])])
+    assert summary["map"] == pytest.approx(1.0) and summary["map50"] == pytest.approx(1.0)
+    assert summary["map_a"] == pytest.approx(1.0) and columns["map"].tolist() == pytest.approx([1.0])
+    assert columns["_detections"].shape == (1, 5, 6) and columns["_truths"].shape == (1, 4, 5)
+
+
+def test_map_with_a_missed_box_by_hand():
+    # one class, two boxes, one found: precision 1 up to recall 0.5, so 51 of COCO's 101 recall points score 1
+    summary, _ = _metric_value([([[0, 0, 10, 10]], [0], [0.9])], [([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])],
+                               classes=("a",))
+    assert summary["map"] == pytest.approx(51 / 101)
+    # two classes, the class-b box missed: AP 1 for a, 0 for b, mean 0.5
+    summary, _ = _metric_value([([[0, 0, 10, 10]], [0], [0.9])], [([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1])])
+    assert summary["map"] == pytest.approx(0.5) and summary["map_b"] == 0.0
+    # a box found at IoU 0.6 (10x6 inside the 10x10 truth): AP 1 at the thresholds 0.5, 0.55, 0.6, 0 at the 7 above
+    summary, _ = _metric_value([([[0, 0, 10, 6]], [0], [0.9])], [([[0, 0, 10, 10]], [0])], classes=("a",))
+    assert summary["map50"] == pytest.approx(1.0) and summary["map"] == pytest.approx(0.3)
+
+
+def test_robust_evaluation_of_a_detector_reports_map(detector, tmp_path):
+    from amat_monai.evaluation import robust_evaluate
+    from amat_monai.metrics import DetectionMetric
+
+    x, y = _batch()
+    loader = [{"image": x, "label": y, "sample_id": ["i0", "i1", "i2"]}]
+    report = robust_evaluate(detector, DetectionLoss(detector), loader, DetectionMetric(detector.detect, ("a", "b", "c")),
+                             attacks=("pgd",), eps=(1.0,), steps=2, sanity=False, progress=False, output_dir=tmp_path)
+    assert report["metric"] == "map" and {"map", "map50", "map75", "map_a"} <= set(report["clean_metrics"])
+    header = (tmp_path / "robustness.csv").read_text().splitlines()[0]
+    assert ",map," in f"{header}," and "_detections" not in header

@@ -47,6 +47,16 @@ def _per_sample_list(batch: Mapping[str, Any], key: str, n: int) -> list[Any]:
     return [v if not isinstance(v, torch.Tensor) else v.item() for v in value] if len(value) == n else [None] * n
 
 
+def _per_sample_values(key: str, value: Any, n: int) -> torch.Tensor:
+    """A metric's column as a float64 CPU tensor: ``[B]``, or ``[B, ...]`` for internal (``_``) keys."""
+    value = torch.as_tensor(value).detach().double().cpu()
+    if key.startswith("_") and value.ndim > 1:
+        if value.shape[0] != n:
+            raise ValueError(f"metric column {key!r} has {value.shape[0]} rows for a batch of {n}")
+        return value
+    return value.reshape(-1)
+
+
 class RobustEvaluator(Evaluator):
     """A MONAI evaluator whose iteration scores one batch clean and under every cell of an attack grid.
 
@@ -130,8 +140,7 @@ class RobustEvaluator(Evaluator):
                 raise KeyError(f"{type(self.metric).__name__}.per_sample returned no {self.metric.name!r} column")
             for name, score in self.input_scores.items():
                 values[f"score_{name}"] = score(x)
-        values = {k: torch.as_tensor(v).detach().double().cpu().reshape(-1) for k, v in values.items()}
-        return values, losses.detach().double().cpu()
+        return {k: _per_sample_values(k, v, x.shape[0]) for k, v in values.items()}, losses.detach().double().cpu()
 
     def _input_gradient_norm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -195,7 +204,8 @@ class RobustEvaluator(Evaluator):
                     continue
                 worse = self._worse(values[self.metric.name], loss, best["values"][self.metric.name], best["loss"])
                 best = {
-                    "values": {k: torch.where(worse, v, best["values"][k]) for k, v in values.items()},
+                    "values": {k: torch.where(worse.view(-1, *[1] * (v.ndim - 1)), v, best["values"][k])
+                               for k, v in values.items()},
                     **{k: torch.where(worse, current[k], best[k]) for k in ("loss", "delta_norm", "restart")},
                 }
             out["cells"][cell.key] = best
