@@ -433,7 +433,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     stages = json.loads((work / "stages.json").read_text()) if (work / "stages.json").is_file() else {}
     total = sum(v["seconds"] for v in stages.values()) / 60
     lines += ["Wall time: " + ", ".join(f"{k} {v['seconds'] / 60:.1f}" for k, v in stages.items())
-              + f" (minutes; total {total:.1f}).", ""]
+              + f" (minutes; total {total:.1f}). A stage that was interrupted and resumed records the time of its "
+              "last run only, so trainings resumed from a checkpoint in a later session show less than they took.", ""]
     study_json["stages"] = stages
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.json", json.dumps(study_json, indent=2, default=float))
