@@ -244,3 +244,34 @@ def test_ceph_detector_fits_and_evaluates(tmp_path, capsys):
     report = json.loads((out / "detection.json").read_text())
     assert report["metric"] == "mre" and report["success_margin"] == 1.0 and report["n_samples"] == 3
     assert {r["attack"] for r in report["rows"]} == {"pgd", "noise"}
+
+
+def test_screen_gives_the_verdict_per_image_and_per_slice():
+    from amat_monai.attack_detection import screen
+
+    net = _net().eval()
+    detector = FeatureDensityDetector(net, ["3"]).fit([{"image": _smooth(60, 1)}], progress=False)
+    detector.thresholds = {"sample": 5.0, "volume": 7.0}
+    image = _smooth(1, 2)[0]  # [1, 16, 16]
+    verdict = screen(detector, image)
+    assert set(verdict) == {"score", "threshold", "flag"} and verdict["threshold"] == 5.0
+    assert verdict["score"] == pytest.approx(float(detector(image[None])[0]))
+    # a volume of 3 slices along its first spatial axis, each padded from 16x16 to 20x20 as the fit's slices were
+    volume = torch.stack([_smooth(1, s)[0, 0] for s in (3, 4, 5)])[None]  # [1, 3, 16, 16]
+    verdict = screen(detector, volume, slice_dim=0, slice_size=(20, 20))
+    padded = nn.functional.pad(volume[0][:, None], (2, 2, 2, 2))
+    assert verdict["slices"]["score"] == pytest.approx(detector(padded).tolist(), rel=1e-5)
+    assert verdict["score"] == pytest.approx(max(verdict["slices"]["score"])) and verdict["threshold"] == 7.0
+    assert verdict["slices"]["flag"] == [s > 5.0 for s in verdict["slices"]["score"]]
+
+
+def test_evaluate_without_a_fitted_detector_says_how_to_fit_one(seg_model, tmp_path, capsys):
+    task, run = seg_model
+    model = tmp_path / "models" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes((run / "models" / "model.pt").read_bytes())
+    assert cli.main(["detector", "evaluate", "--bundle", str(SEG), "--dataset-dir", str(task), "--output-dir",
+                     str(tmp_path / "det"), "--checkpoint", str(model), "--device", "cpu", "--attacks", "pgd",
+                     "--eps", "1", "--steps", "1", *_overrides(SEG_TINY)]) == 2
+    err = capsys.readouterr().err
+    assert f"detector file not found: {model.parent / 'detector.json'}" in err and "amat-monai detector fit" in err
