@@ -424,6 +424,13 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     if spot:
         lines += [f"### PGD-{study['spot_check']['steps'][0]} spot check ({study['spot_check']['max_cases']} test cases)",
                   "", paper_table(list(spot.values()), list(spot)).markdown]
+    best_vat_val = max(vat_val, key=lambda n: score(val[n])) if vat_val else None
+    pending = [f"test {n}" for n in val if n not in test]
+    pending += [f"test-foreground {n}" for n in ("STD", best_vat_val, best_amat)
+                if task == "hippocampus" and n and n not in foreground]
+    pending += [f"spot-check {n}" for n in (best_vat_val, best_amat) if n and n not in spot]
+    if pending:
+        lines += ["**Not run yet** (the study is resumable: its command continues it): " + ", ".join(pending) + ".", ""]
     sanity = {n: r["sanity"].get("passed") for split in (val, test, spot) for n, r in split.items()}
     lines += ["Evaluator sanity checks: " + ("all passed" if all(v is True for v in sanity.values()) else
               "; ".join(f"{n}: {v}" for n, v in sanity.items() if v is not True)), ""]
