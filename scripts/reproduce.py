@@ -134,7 +134,13 @@ class Stages:
         self.done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
 
     def _resolve(self, output: str) -> Path:
-        return Path(output) if Path(output).is_absolute() else self.path.parent / output
+        path = Path(output)
+        if not path.is_absolute():
+            return self.path.parent / path
+        if not path.exists() and self.path.parent.name in path.parts:
+            # recorded as absolute in a folder that has moved since: the same path below this folder
+            return self.path.parent.joinpath(*path.parts[path.parts.index(self.path.parent.name) + 1:])
+        return path
 
     def run(self, name: str, output: str, fn) -> str:
         """Run ``fn()`` (returning its output path) unless ``name`` finished before and ``output`` exists."""

@@ -79,3 +79,16 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     assert (tmp_path / "docs" / "results" / "hippocampus" / "margins" / "pareto.png").is_file()
     again = _run(tmp_path, "--experiment", "margins")
     assert "running" not in again
+
+
+def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reproduce import Stages
+
+    old, new = tmp_path / "old" / "task-margins", tmp_path / "new" / "task-margins"
+    (new / "runs").mkdir(parents=True)
+    (new / "runs" / "model.pt").write_text("weights")
+    (new / "stages.json").write_text(json.dumps({"train STD": {"output": str(old / "runs" / "model.pt"), "seconds": 1}}))
+    ran = []
+    out = Stages(new / "stages.json").run("train STD", str(new / "runs" / "model.pt"), lambda: ran.append(1))
+    assert not ran and Path(out) == new / "runs" / "model.pt"  # found below the moved folder: not run again
