@@ -20,9 +20,9 @@ from amat_monai.reporting import load_report, paper_table, plot_runs
 from amat_monai.workflows import (
     build_workflow,
     calibrate,
-    common_overrides,
     config_files,
     device_expression,
+    fit_detector,
     parse_overrides,
     run_workflow,
     train,
@@ -197,14 +197,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def detector_fit_command(args: argparse.Namespace) -> int:
     """``amat-monai detector fit``: the attack detectors of a checkpoint, from its clean training and validation
     splits (the run's ``split.json`` when the checkpoint lies in ``<run>/models/``); written next to it."""
-    ovr = common_overrides(args.dataset_dir, args.output_dir, args.max_cases, args.device, args.checkpoint)
+    ovr = _overrides(args)
     split = _run_split(Path(args.checkpoint))
     if split is not None:
-        ovr["split_file"] = str(split)
-    ovr.update(_overrides(args))
-    workflow = build_workflow(args.bundle, ["train.json", "detector.json"], "infer", **ovr)
-    info = next(r for r in run_workflow(workflow) if isinstance(r, dict))
-    out = workflow.parser.get_parsed_content("detector#output_dir")
+        ovr.setdefault("split_file", str(split))
+    info = fit_detector(args.bundle, args.dataset_dir, args.output_dir, args.checkpoint, max_cases=args.max_cases,
+                        device=args.device, **ovr)
+    out = ovr.get("detector#output_dir")
     npz = Path(out) / "detector.npz" if out else detector_paths(args.checkpoint)[0]
     rates = ", ".join(f"{k} {v:.1%}" for k, v in info["validation_false_positive_rate"].items())
     layers = ", ".join(f"{layer['name']} ({layer['dim']} features, n={layer['n']})" for layer in info["layers"])
