@@ -147,8 +147,10 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         out_dir = work / "xi" / label
         # the feasibility report attacks with the training attack's steps
         steps = settings["adversarial"].get("attack_steps")
+        # hippocampus training writes its random split next to the model; the ISBI splits are fixed files
+        split = work / "runs" / "STD" / "split.json"
         return stages.run(f"calibrate {label}", str(out_dir / "xi.json"), lambda: calibrate(
-            bundle, dataset, out_dir, models["STD"], device=device, split_file=str(work / "runs" / "STD" / "split.json"),
+            bundle, dataset, out_dir, models["STD"], device=device, **({"split_file": str(split)} if split.is_file() else {}),
             delta=study["amat"]["delta"], **({"attack_steps": steps} if steps else {}), **settings["common"], **level))
 
     max_cases = {split: study.get("max_cases", {}).get(split, ev.get("max_cases")) for split in ("validate", "test")}
