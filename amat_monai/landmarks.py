@@ -19,23 +19,19 @@ same affine map as going through the stored grid, so only the original and netwo
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine
-from ignite.metrics import Metric
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
-from amat_monai.checkpoints import atomic_write_text
-from amat_monai.distributed import all_gather_objects
+from amat_monai.metrics import TaskMetricValue
+from amat_monai.transforms import SaveResultd
 
 __all__ = [
     "map_coordinates",
@@ -228,43 +224,12 @@ class LandmarkGridError:
         return (found - true).norm(dim=-1).mean(dim=-1)
 
 
-class LandmarkErrorMetric(Metric):
-    """Ignite metric for MONAI evaluators: the mean of a :class:`~amat_monai.metrics.LandmarkMetric` value.
-
-    Reads the prediction from ``engine.state.output`` and the true coordinates (and original sizes, spacing)
-    from ``engine.state.batch``, so attach it to an evaluator with ``decollate=False``. Under DDP the per-sample
-    values of every rank are gathered before the mean, so each rank reports the metric of the whole data set.
-
-    Args:
-        task_metric: the landmark metric (defines decoding, target key and spacing).
-        value: which per-sample value to average (``"mre"``, ``"sdr_2"``, ...).
-    """
+class LandmarkErrorMetric(TaskMetricValue):
+    """Ignite metric: the mean of a :class:`~amat_monai.metrics.LandmarkMetric` value (``"mre"``, ``"sdr_2"``...)
+    over the data set (:class:`~amat_monai.metrics.TaskMetricValue`; evaluators with ``decollate=False``)."""
 
     def __init__(self, task_metric: Any, value: str = "mre", pred_key: str = "pred") -> None:
-        self.task_metric = task_metric
-        self.value = value
-        self.pred_key = pred_key
-        super().__init__(output_transform=lambda out: out)
-
-    def reset(self) -> None:
-        self._values: list[torch.Tensor] = []
-
-    def update(self, output: Any) -> None:
-        pred, batch = output
-        self._values.append(self.task_metric.per_sample(pred, batch)[self.value].double().cpu())
-
-    def iteration_completed(self, engine: Engine) -> None:
-        output, batch = engine.state.output, engine.state.batch
-        if isinstance(output, list) or isinstance(batch, list):
-            raise TypeError("LandmarkErrorMetric needs whole batches: build the evaluator with decollate=False")
-        self.update((output[self.pred_key], batch))
-
-    def compute(self) -> float:
-        if not self._values:
-            raise RuntimeError("LandmarkErrorMetric saw no batch")
-        v = torch.cat(self._values)
-        v = torch.cat([torch.as_tensor(part) for part in all_gather_objects(v)])  # every rank's, in rank order
-        return float(v[torch.isfinite(v)].mean())
+        super().__init__(task_metric, value, pred_key)
 
 
 class LandmarkTargetsd(MapTransform):
@@ -412,24 +377,10 @@ class DecodeLandmarksd(MapTransform):
         return d
 
 
-class SaveLandmarksd(MapTransform):
+class SaveLandmarksd(SaveResultd):
     """Write each item's ``result`` (from :class:`DecodeLandmarksd`) to ``<output_dir>/<name>_landmarks.json``,
     atomically; ``<name>`` is the image file's stem."""
 
-    def __init__(
-        self, keys: KeysCollection = "result", output_dir: str = "./eval", image_key: str = "image",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.output_dir = output_dir
-        self.image_key = image_key
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        meta = getattr(d.get(self.image_key), "meta", None) or {}
-        source = meta.get("filename_or_obj") or d.get("sample_id") or "image"
-        stem = os.path.basename(str(source)).split(".")[0]
-        for key in self.key_iterator(d):
-            path = os.path.join(self.output_dir, f"{stem}_landmarks.json")
-            atomic_write_text(path, json.dumps({"image": str(source), **d[key]}, indent=2) + "\n")
-        return d
+    def __init__(self, keys: KeysCollection = "result", output_dir: str = "./eval", image_key: str = "image",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, output_dir, "_landmarks", image_key, allow_missing_keys)

@@ -32,9 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Engine
+from ignite.metrics import Metric
 from monai.metrics import get_confusion_matrix
 from monai.networks.utils import one_hot
 from monai.utils import CommonKeys, convert_to_tensor
+
+from amat_monai.distributed import all_gather_objects
 
 __all__ = [
     "TaskMetric",
@@ -49,6 +53,8 @@ __all__ = [
     "SDR_RADII_MM",
     "coco_map",
     "DetectionMetric",
+    "ImageMAP",
+    "TaskMetricValue",
 ]
 
 #: The SDR radii of the ISBI 2015 challenge, in mm.
@@ -365,7 +371,8 @@ def coco_map(detections: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Ma
         classes: class names, in label order.
 
     Returns:
-        ``{"map", "map50", "map75", "map_<class>"...}``; NaN when no image has a ground-truth box.
+        ``{"map", "map50", "map75", "map_<class>"...}``: the overall values are means over the classes that have
+        ground truth; a class without ground truth is NaN, and so is everything when no image has a box.
     """
     from monai.apps.detection.metrics.coco import COCOMetric
     from monai.apps.detection.metrics.matching import matching_batch
@@ -382,10 +389,18 @@ def coco_map(detections: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Ma
                              max_detections=max_detections)
     values, _ = coco(matched)
     suffix = f"MaxDet_{max_detections}"
-    out = {"map": values[f"mAP_IoU_0.50_0.95_0.05_{suffix}"], "map50": values[f"AP_IoU_0.50_{suffix}"],
-           "map75": values[f"AP_IoU_0.75_{suffix}"]}
-    out.update({f"map_{c}": values.get(f"{c}_mAP_IoU_0.50_0.95_0.05_{suffix}", float("nan")) for c in classes})
-    return {k: float(v) if v is not None and v >= 0 else float("nan") for k, v in out.items()}
+
+    def per_class(name: str) -> list[float]:
+        # COCOMetric marks a class without ground truth -1 (and averages the -1 into its overall value; COCO leaves
+        # such classes out of the mean, as done here)
+        return [float(values.get(f"{c}_{name}_{suffix}", -1.0)) for c in classes]
+
+    out = {}
+    for key, name in (("map", "mAP_IoU_0.50_0.95_0.05"), ("map50", "AP_IoU_0.50"), ("map75", "AP_IoU_0.75")):
+        present = [v for v in per_class(name) if v >= 0]
+        out[key] = float(np.mean(present)) if present else float("nan")
+    out.update({f"map_{c}": v if v >= 0 else float("nan") for c, v in zip(classes, per_class("mAP_IoU_0.50_0.95_0.05"))})
+    return out
 
 
 class DetectionMetric(TaskMetric):
@@ -448,3 +463,70 @@ class DetectionMetric(TaskMetric):
         out["map_image_mean"] = _nanmean(columns["map"])
         out["n_map"] = float(len(pairs))
         return out
+
+
+class ImageMAP:
+    """Per-image COCO mAP@0.5:0.95 of a detector's output: ``score(pred, boxes) -> [B]`` (higher is better).
+
+    The score function of AMAT's ``"metric"`` expand condition for detection (:mod:`amat_monai.conditions`), as
+    :class:`PresentClassDice` is for segmentation. An image without ground-truth boxes scores NaN, which never
+    passes the condition.
+
+    Args:
+        metric: the bundle's :class:`DetectionMetric` (its decoding and limits).
+    """
+
+    name = "map"
+    higher_is_better = True
+
+    def __init__(self, metric: DetectionMetric) -> None:
+        self.metric = metric
+
+    def __call__(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.metric.per_sample(pred, {self.metric.label_key: label})["map"]
+
+
+class TaskMetricValue(Metric):
+    """Ignite metric for MONAI evaluators: one aggregated value of a :class:`TaskMetric` over the data set.
+
+    Collects the task metric's per-sample columns of every batch (prediction from ``engine.state.output``, the
+    rest from ``engine.state.batch``, so attach it to an evaluator built with ``decollate=False``) and reports
+    ``task_metric.aggregate(...)[value]``: the mean over samples for Dice and radial errors, the data set's COCO
+    mAP for detection. Under DDP the columns of every rank are gathered first, so each rank reports the value of
+    the whole data set.
+
+    Args:
+        task_metric: the task's metric.
+        value: which aggregated value (default: the metric's primary ``name``).
+        pred_key: the key of the prediction in the engine output.
+    """
+
+    def __init__(self, task_metric: TaskMetric, value: str | None = None, pred_key: str = "pred") -> None:
+        self.task_metric = task_metric
+        self.value = value or task_metric.name
+        self.pred_key = pred_key
+        super().__init__(output_transform=lambda out: out)
+
+    def reset(self) -> None:
+        self._columns: list[dict[str, np.ndarray]] = []
+
+    def update(self, output: Any) -> None:
+        pred, batch = output
+        values = self.task_metric.per_sample(pred, batch)
+        self._columns.append({k: torch.as_tensor(v).double().cpu().numpy() for k, v in values.items()})
+
+    def iteration_completed(self, engine: Engine) -> None:
+        output, batch = engine.state.output, engine.state.batch
+        if isinstance(output, list) or isinstance(batch, list):
+            raise TypeError(f"{type(self).__name__} needs whole batches: build the evaluator with decollate=False")
+        self.update((output[self.pred_key], batch))
+
+    def compute(self) -> float:
+        if not self._columns:
+            raise RuntimeError(f"{type(self).__name__} saw no batch")
+        parts = [part for rank in all_gather_objects(self._columns) for part in rank]  # every rank's, in rank order
+        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        summary = self.task_metric.aggregate(columns, {})
+        if self.value not in summary:
+            raise KeyError(f"{type(self.task_metric).__name__} reports no {self.value!r} (it has {sorted(summary)})")
+        return float(summary[self.value])

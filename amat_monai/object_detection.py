@@ -6,8 +6,8 @@ The robust-training handlers, the attacks and ξ calibration need instead a netw
 tensor and a loss that returns deterministic per-sample terms ``[B, K]``. :class:`PerSampleRetinaNetDetector` is
 that subclass:
 
-* ``forward(x)`` returns the raw head outputs, ``[B, A, num_classes + 4]`` (classification logits, then box
-  regression, per anchor), in train and eval mode alike; :meth:`~PerSampleRetinaNetDetector.detect` turns them
+* ``forward(x)`` returns the raw head outputs, ``[B, num_classes + 4, A]`` (channels: classification logits, then
+  box regression; one column per anchor), in train and eval mode alike; :meth:`~PerSampleRetinaNetDetector.detect` turns them
   into boxes (MONAI's box selector: score threshold, top-k, NMS).
 * :meth:`~PerSampleRetinaNetDetector.loss_terms` gives per image ``[box regression, classification foreground,
   classification background]``: the RetinaNet loss (smooth-L1 on the encoded offsets of the anchors ATSS matched,
@@ -28,20 +28,24 @@ follow MONAI's convention: coordinate ``k`` runs along spatial dimension ``k`` o
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet
+from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
 __all__ = ["ResNetFPN", "PerSampleRetinaNetDetector", "DetectionLoss", "pad_boxes", "unpad_boxes", "build_retinanet",
-           "DETECTION_TERMS"]
+           "DETECTION_TERMS", "PadBoxesd", "detections_json", "DetectBoxesd"]
 
 #: names of the per-sample loss terms, in column order
 DETECTION_TERMS = ("box_regression", "cls_foreground", "cls_background")
@@ -150,7 +154,7 @@ class PerSampleRetinaNetDetector(RetinaNetDetector):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:  # type: ignore[override]
-        """Head outputs ``[B, A, num_classes + 4]`` of a ``[B, C, H, W]`` batch; anchors kept for the loss."""
+        """Head outputs ``[B, num_classes + 4, A]`` of a ``[B, C, H, W]`` batch; anchors kept for the loss."""
         images = convert_to_tensor(images, track_meta=False)
         if images.ndim != 4:
             raise ValueError(f"the detector takes [B, C, H, W] images, got shape {tuple(images.shape)}")
@@ -158,10 +162,12 @@ class PerSampleRetinaNetDetector(RetinaNetDetector):
         head = self.network(images)
         self.generate_anchors(images, head)
         self._levels = [int(m.shape[2:].numel()) for m in head[self.cls_key]]
-        return torch.cat([self._reshape_maps(head[self.cls_key]), self._reshape_maps(head[self.box_reg_key])], dim=2)
+        maps = torch.cat([self._reshape_maps(head[self.cls_key]), self._reshape_maps(head[self.box_reg_key])], dim=2)
+        return maps.transpose(1, 2)  # channels first, as MONAI's bundle tools read outputs
 
     def _split(self, pred: Tensor) -> tuple[Tensor, Tensor]:
-        pred = convert_to_tensor(pred, track_meta=False)
+        """``[B, C + 4, A]`` -> classification logits ``[B, A, C]`` and box regression ``[B, A, 4]``."""
+        pred = convert_to_tensor(pred, track_meta=False).transpose(1, 2)
         if self.anchors is None or self._levels is None or pred.shape[1] != self.anchors[0].shape[0]:
             raise RuntimeError("head outputs do not match the anchors of the detector's last forward pass; "
                                "call the detector on the images first")
@@ -228,7 +234,7 @@ class PerSampleRetinaNetDetector(RetinaNetDetector):
 class DetectionLoss(nn.Module):
     """``loss(pred, targets)`` -> ``[B, 3]``: the per-sample terms of ``detector`` (the bundles' ``loss_terms``)."""
 
-    names = DETECTION_TERMS
+    term_names = DETECTION_TERMS
 
     def __init__(self, detector: PerSampleRetinaNetDetector) -> None:
         super().__init__()
@@ -255,3 +261,91 @@ def build_retinanet(num_classes: int = 3, in_channels: int = 3, widths: Sequence
     network = RetinaNet(2, num_classes, anchors.num_anchors_per_location()[0], extractor,
                         size_divisible=2 ** (extractor.returned_layers[-1] + 2))
     return PerSampleRetinaNetDetector(network, anchors, size_divisible=network.size_divisible, **detector_kwargs)
+
+
+class PadBoxesd(MapTransform):
+    """Dictionary transform: ``output_key`` = one image's ground truth as ``[max_boxes, 5]`` rows (:func:`pad_boxes`).
+
+    A fixed row count lets the default collate stack a batch into the ``[B, M, 5]`` label the detection loss takes.
+
+    Args:
+        keys: the boxes ``[N, 4]`` and labels ``[N]`` keys, in this order.
+        output_key: where the padded rows go (the bundles' ``label``).
+        max_boxes: rows per image; an image with more boxes is an error naming it (``id_key``).
+    """
+
+    def __init__(self, keys: KeysCollection = ("boxes", "labels"), output_key: str = "label", max_boxes: int = 64,
+                 id_key: str = "sample_id") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"PadBoxesd takes two keys (boxes, labels), got {list(self.keys)}")
+        self.output_key, self.max_boxes, self.id_key = output_key, int(max_boxes), id_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        boxes = torch.as_tensor(np.asarray(d[self.keys[0]], dtype=np.float32)).reshape(-1, 4)
+        labels = torch.as_tensor(np.asarray(d[self.keys[1]], dtype=np.int64)).reshape(-1)
+        if boxes.shape[0] > self.max_boxes:
+            raise ValueError(f"image {d.get(self.id_key, '?')!r} has {boxes.shape[0]} boxes, more than "
+                             f"max_boxes={self.max_boxes} (raise max_boxes in the bundle config)")
+        d[self.output_key] = pad_boxes([boxes], [labels], self.max_boxes)[0]
+        return d
+
+
+def detections_json(detection: Mapping[str, Tensor], classes: Sequence[str], zoom: Sequence[float] = (1.0, 1.0),
+                    digits: int = 1) -> dict[str, Any]:
+    """One image's detections (:meth:`PerSampleRetinaNetDetector.detect`) as JSON, in ORIGINAL pixels.
+
+    ``zoom``: the preprocessing's zoom per spatial dimension (x, y); box coordinates are divided by it. Returns
+    ``{"boxes": [{"label", "name", "score", "x1", "y1", "x2", "y2"}, ...]}``, highest score first, with 0-based
+    half-open pixel corners (the VOC reader's convention).
+    """
+    scale = torch.tensor([zoom[0], zoom[1], zoom[0], zoom[1]], dtype=torch.float64)
+    boxes = detection["boxes"].detach().double().cpu() / scale
+    scores = detection["labels_scores"].detach().double().cpu()
+    labels = detection["labels"].detach().long().cpu()
+    out = []
+    for k in torch.argsort(scores, descending=True).tolist():
+        label = int(labels[k])
+        x1, y1, x2, y2 = (round(float(v), digits) for v in boxes[k])
+        out.append({"label": label, "name": classes[label] if 0 <= label < len(classes) else str(label),
+                    "score": round(float(scores[k]), 4), "x1": x1, "y1": y1, "x2": x2, "y2": y2})
+    return {"boxes": out}
+
+
+class DetectBoxesd(MapTransform):
+    """Dictionary transform for inference: the head output under ``keys`` -> boxes in original pixels.
+
+    Writes ``boxes`` ``[D, 4]``, ``labels`` ``[D]``, ``scores`` ``[D]`` (original pixels) and ``result``, the JSON
+    of :func:`detections_json`. ``detector`` must be the network that produced the output (its last forward
+    pass set the anchors); an output of one image ``[C + 4, A]`` (decollated) or a batch of one is accepted.
+
+    Args:
+        keys: the head output (``pred``).
+        detector: the :class:`PerSampleRetinaNetDetector`.
+        classes: class names, in label order.
+        zoom: the preprocessing's zoom (x, y).
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", detector: PerSampleRetinaNetDetector | None = None,
+                 classes: Sequence[str] = (), zoom: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(keys)
+        if detector is None:
+            raise ValueError("DetectBoxesd needs the detector network (detector=@network)")
+        self.detector, self.classes, self.zoom = detector, list(classes), [float(z) for z in zoom]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = convert_to_tensor(d[key], track_meta=False)
+            if pred.ndim == 2:
+                pred = pred[None]
+            if pred.shape[0] != 1:
+                raise ValueError(f"DetectBoxesd decodes one image at a time, got a batch of {pred.shape[0]}")
+            detection = self.detector.detect(pred)[0]
+            d["result"] = detections_json(detection, self.classes, self.zoom)
+            rows = d["result"]["boxes"]
+            d["boxes"] = torch.tensor([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows]).reshape(-1, 4)
+            d["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
+            d["scores"] = torch.tensor([r["score"] for r in rows])
+        return d

@@ -37,7 +37,8 @@ import pytest
 import torch
 from PIL import Image
 
-from amat_monai.label.landmarks import check_landmark_result, find_landmark_decoder, landmark_label_map, to_image_grid
+from amat_monai.label.detection import box_label_map, check_box_result
+from amat_monai.label.landmarks import check_landmark_result, find_decoder, landmark_label_map, to_image_grid
 from amat_monai.label.server import APP_MAIN, build_server_command, prepare_workdir, serve_command
 from amat_monai.label.writer import write_label
 
@@ -81,13 +82,30 @@ def test_check_landmark_result_rejects_bad_json():
         check_landmark_result({})
 
 
-def test_find_landmark_decoder():
+def test_find_decoder():
     config = {"postprocessing": {"_target_": "Compose", "transforms": [
         {"_target_": "Activationsd"}, {"_target_": "amat_monai.landmarks.DecodeLandmarksd", "keys": "pred"}]}}
-    assert find_landmark_decoder(config) == "postprocessing#transforms#1"
-    assert find_landmark_decoder({"postprocessing": [{"_target_": "DecodeLandmarksd"}]}) == "postprocessing#0"
-    assert find_landmark_decoder({"postprocessing": [{"_target_": "AsDiscreted"}]}) is None
-    assert find_landmark_decoder({}) is None
+    assert find_decoder(config) == "postprocessing#transforms#1"
+    assert find_decoder({"postprocessing": [{"_target_": "DecodeLandmarksd"}]}) == "postprocessing#0"
+    assert find_decoder({"postprocessing": [{"_target_": "AsDiscreted"}]}) is None
+    assert find_decoder({}) is None
+    boxes = {"postprocessing": [{"_target_": "amat_monai.object_detection.DetectBoxesd"}]}
+    assert find_decoder(boxes) is None and find_decoder(boxes, name="DetectBoxesd") == "postprocessing#0"
+
+
+def test_box_label_map_draws_outlines_in_x_first_order_and_checks_the_json():
+    boxes = [{"label": 1, "name": "WBC", "score": 0.9, "x1": 2.0, "y1": 1.0, "x2": 8.0, "y2": 5.0},
+             {"label": 0, "name": "RBC", "score": 0.5, "x1": 18.0, "y1": 8.0, "x2": 30.0, "y2": 20.0}]
+    out = box_label_map(boxes, width=20, height=10, thickness=1)
+    assert out.shape == (20, 10)
+    assert out[2, 1] == out[7, 4] == out[5, 1] == out[2, 3] == 2  # corners and edges of the first box, x first
+    assert out[4, 3] == 0  # its inside stays empty
+    assert out[18, 8] == out[19, 9] == 1 and out[17, 8] == 0  # the second box is clipped to the image
+    assert check_box_result({"boxes": boxes}, 3) == boxes and check_box_result({"boxes": []}) == []
+    for bad in ({}, {"boxes": [{**boxes[0], "x2": 1.0}]}, {"boxes": [{**boxes[0], "label": 3}]},
+                {"boxes": [{**boxes[0], "score": float("nan")}]}):
+        with pytest.raises(ValueError):
+            check_box_result(bad, 3)
 
 
 def test_write_label_png_and_nifti_round_trip(tmp_path):
@@ -515,7 +533,7 @@ def test_infer_landmarks_image_is_a_label_map_with_a_disc_per_landmark(tiny_serv
 
 # the shipped bundles, with random weights ----------------------------------------------------------------------
 
-SHIPPED = ("hippocampus_seg", "ceph_landmarks")
+SHIPPED = ("hippocampus_seg", "ceph_landmarks", "bccd_detection")
 
 
 def _shipped_with_random_weights(root: Path, name: str) -> Path:
@@ -530,6 +548,10 @@ def _shipped_with_random_weights(root: Path, name: str) -> Path:
     parser = ConfigParser()
     parser.read_config(str(dst / "configs" / "inference.json"))
     parser["bundle_root"] = str(dst)
+    if "score_thresh" in parser:  # random weights score every box low: keep them all, so there is something to serve
+        inference = json.loads((dst / "configs" / "inference.json").read_text())
+        inference["score_thresh"] = 0.0
+        (dst / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")
     (dst / "models").mkdir(exist_ok=True)
@@ -548,6 +570,7 @@ def _run_bundle(bundle: Path, image: Path, output_dir: Path) -> None:
 
 HIPPO_SHAPE = (35, 51, 35)
 CEPH_SIZE = (484, 600)  # width, height of the stored ISBI 2015 images
+BCCD_SIZE = (640, 480)  # width, height of the BCCD images
 
 
 @pytest.fixture(scope="module")
@@ -562,6 +585,8 @@ def shipped_server(tmp_path_factory):
     _save_nifti(studies / "hippocampus_900.nii.gz", rng.normal(100, 20, HIPPO_SHAPE).astype(np.float32), np.eye(4))
     w, h = CEPH_SIZE
     Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(studies / "ceph_900.png")
+    w, h = BCCD_SIZE
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(studies / "blood_900.png")
     yield from _start(root, bundles, studies)
 
 
@@ -618,3 +643,34 @@ def test_shipped_landmark_bundle_serves_19_landmarks(shipped_server, tmp_path):
     assert checked >= 1
     # the bundle's SaveLandmarksd is dropped when serving: nothing is written into the bundle folder
     assert not (server.studies.parent / "ceph_landmarks" / "eval").exists()
+
+
+@needs_label_env
+def test_shipped_detection_bundle_serves_boxes_and_their_outlines(shipped_server, tmp_path):
+    server, info = shipped_server
+    model = info["models"]["bccd_detection"]
+    assert model["type"] == "segmentation" and model["dimension"] == 2
+    assert model["labels"] == {"RBC": 1, "WBC": 2, "Platelets": 3}
+    body, content_type = server.infer("bccd_detection", "blood_900", "json")
+    assert content_type.startswith("application/json")
+    boxes = json.loads(body)["boxes"]
+    assert len(boxes) == 100  # the detector's detections_per_img, all kept at score threshold 0
+    scores = [b["score"] for b in boxes]
+    assert scores == sorted(scores, reverse=True)
+    for b in boxes:  # in the served image's pixels
+        assert 0 <= b["x1"] <= b["x2"] <= BCCD_SIZE[0] and 0 <= b["y1"] <= b["y2"] <= BCCD_SIZE[1]
+        assert b["name"] == ("RBC", "WBC", "Platelets")[b["label"]]
+    # the same boxes as the bundle's own inference workflow on the same image and weights
+    bundle = server.studies.parent / "bccd_detection"
+    _run_bundle(bundle, server.studies / "blood_900.png", tmp_path / "bundle_run")
+    own = json.loads((tmp_path / "bundle_run" / "blood_900_boxes.json").read_text())["boxes"]
+    assert [(b["label"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in boxes] == \
+        [(b["label"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in own]
+    assert scores == pytest.approx([b["score"] for b in own], abs=1e-4)
+    body, content_type = server.infer("bccd_detection", "blood_900", "image")
+    assert content_type == "image/png"
+    label = np.array(Image.open(io.BytesIO(body)))
+    assert label.shape == (BCCD_SIZE[1], BCCD_SIZE[0])  # rows are y
+    top = max(boxes, key=lambda b: b["score"])  # drawn last, so its outline is intact
+    x1, y1 = int(np.floor(top["x1"])), int(np.floor(top["y1"]))
+    assert label[y1, x1] == top["label"] + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,7 +40,7 @@ def test_forward_and_loss_need_no_torchvision(detector):
     x, y = _batch()
     pred = detector(x)
     assert "torchvision" not in sys.modules
-    assert pred.shape[0] == 3 and pred.shape[2] == 3 + 4  # class logits, then box offsets, per anchor
+    assert pred.shape[0] == 3 and pred.shape[1] == 3 + 4  # channels: class logits, then box offsets; one column per anchor
     terms = DetectionLoss(detector)(pred, y)
     assert terms.shape == (3, len(DETECTION_TERMS)) and torch.isfinite(terms).all()
     assert (terms[:2] > 0).all()
@@ -83,7 +84,7 @@ def test_detect_returns_boxes_labels_and_scores(detector):
         # MONAI's box convention: coordinate k runs along spatial dimension k of the [B, C, 96, 128] input
         assert (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 128).all() and set(labels.tolist()) <= {0, 1, 2}
     with pytest.raises(RuntimeError, match="do not match the anchors"):
-        detector.detect(torch.zeros(1, 10, 7))
+        detector.detect(torch.zeros(1, 7, 10))
 
 
 # ------------------------------------------------------------------ the metric
@@ -122,6 +123,31 @@ def test_map_with_a_missed_box_by_hand():
     # a box found at IoU 0.6 (10x6 inside the 10x10 truth): AP 1 at the thresholds 0.5, 0.55, 0.6, 0 at the 7 above
     summary, _ = _metric_value([([[0, 0, 10, 6]], [0], [0.9])], [([[0, 0, 10, 10]], [0])], classes=("a",))
     assert summary["map50"] == pytest.approx(1.0) and summary["map"] == pytest.approx(0.3)
+
+
+def test_map_leaves_classes_without_ground_truth_out_of_the_mean():
+    # the image has no class-b box: MONAI's COCOMetric averages b's -1 into its overall value (giving 0); COCO
+    # and we leave b out, so a perfect class a gives 1, and no detection at all gives 0, not NaN
+    summary, columns = _metric_value([([[0, 0, 10, 10]], [0], [0.9])], [([[0, 0, 10, 10]], [0])])
+    assert summary["map"] == pytest.approx(1.0) and np.isnan(summary["map_b"])
+    summary, columns = _metric_value([([], [], [])], [([[0, 0, 10, 10]], [0])])
+    assert summary["map"] == 0.0 and columns["map"].tolist() == [0.0]
+
+
+def test_ignite_value_of_a_detection_metric_is_the_data_sets_map():
+    from ignite.engine import Engine
+
+    from amat_monai.metrics import DetectionMetric, TaskMetricValue
+
+    # two batches of one image: the first perfect, the second with its one box missed. The data set's mAP pools
+    # the detections (AP of 2 boxes, 1 found: 51/101), which is not the mean of the per-image values (0.5)
+    detections = iter([[([[0, 0, 10, 10]], [0], [0.9])], [([], [], [])]])
+    metric = DetectionMetric(lambda pred: _fake_detect(next(detections))(pred), ("a",), max_boxes=2, max_detections=5)
+    batches = [{"label": pad_boxes([torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([0])], 2)},
+               {"label": pad_boxes([torch.tensor([[20.0, 20, 30, 30]])], [torch.tensor([0])], 2)}]
+    engine = Engine(lambda e, batch: {"pred": torch.zeros(1)})
+    TaskMetricValue(metric).attach(engine, "map")
+    assert engine.run(batches).metrics["map"] == pytest.approx(51 / 101)
 
 
 def test_robust_evaluation_of_a_detector_reports_map(detector, tmp_path):

@@ -15,7 +15,8 @@ from amat_monai.data.decathlon import (
 )
 from amat_monai.data.synthetic import make_synthetic_decathlon
 from amat_monai.data.ceph import ceph_datalist, make_synthetic_ceph  # noqa: F401  (cephalometric landmarks)
-from amat_monai.data.voc import BCCD_CLASSES, make_synthetic_voc, read_voc_annotation, voc_datalist
+from amat_monai.data.root import data_root
+from amat_monai.data.voc import BCCD_CLASSES, default_bccd_dir, make_synthetic_voc, read_voc_annotation, voc_datalist
 
 __all__ = [
     "DecathlonSliceDataset",
@@ -29,7 +30,9 @@ __all__ = [
     "to_nnunet_axes",
     "volume_to_slices",
     "make_synthetic_decathlon",
+    "data_root",
     "BCCD_CLASSES",
+    "default_bccd_dir",
     "read_voc_annotation",
     "voc_datalist",
     "make_synthetic_voc",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from amat_monai.checkpoints import read_json
+from amat_monai.data.root import data_root
 
 __all__ = [
     "CEPH_ORIGINAL_SIZE",
@@ -44,8 +45,7 @@ ANNOTATORS = ("senior", "junior")
 
 def default_ceph_dir() -> str:
     """``$AMAT_DATA_DIR/isbi2015_ceph``; ``AMAT_DATA_DIR`` defaults to ``../shared/data`` next to the project."""
-    root = os.environ.get("AMAT_DATA_DIR") or str(Path(__file__).resolve().parents[2].parent / "shared" / "data")
-    return str(Path(root) / "isbi2015_ceph")
+    return str(data_root() / "isbi2015_ceph")
 
 
 def read_landmarks_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -24,13 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from amat_monai.data.root import data_root
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["BCCD_CLASSES", "VocAnnotation", "read_voc_annotation", "read_voc_split", "voc_datalist",
+__all__ = ["BCCD_CLASSES", "default_bccd_dir", "VocAnnotation", "read_voc_annotation", "read_voc_split", "voc_datalist",
            "make_synthetic_voc"]
 
 #: the BCCD classes, in label order (label ``k`` is ``BCCD_CLASSES[k]``)
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+
+
+def default_bccd_dir() -> str:
+    """``$AMAT_DATA_DIR/BCCD``; ``AMAT_DATA_DIR`` defaults to ``../shared/data`` next to the project."""
+    return str(data_root() / "BCCD")
 
 
 @dataclass(frozen=True)

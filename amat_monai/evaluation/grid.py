@@ -26,13 +26,15 @@ __all__ = [
 ]
 
 
-TASKS = ("segmentation", "landmarks")
+TASKS = ("segmentation", "landmarks", "detection")
 #: Gradient steps per attack by default (method doc §6); noise takes none, FGSM one.
 DEFAULT_STEPS = {"pgd": 100, "ifgsm": 10, "fgsm": 1, "noise": 0}
-#: Step size as a multiple of ε / steps, per task (PGD-100: 4ε/100 or 5ε/100; IFGSM-10: 4ε/10 or ε/5).
+#: Step size as a multiple of ε / steps, per task (PGD-100: 4ε/100 or 5ε/100; IFGSM-10: 4ε/10 or ε/5). The papers
+#: give no detection step sizes; detection takes segmentation's, the authors' default for L2 PGD.
 STEP_SIZE_FACTORS = {
     "segmentation": {"pgd": 4.0, "ifgsm": 4.0, "fgsm": 1.0},
     "landmarks": {"pgd": 5.0, "ifgsm": 2.0, "fgsm": 1.0},
+    "detection": {"pgd": 4.0, "ifgsm": 4.0, "fgsm": 1.0},
 }
 RANDOM_ATTACKS = ("pgd", "noise")
 GRADIENT_ATTACKS = ("pgd", "ifgsm", "fgsm")
@@ -123,7 +125,7 @@ def make_attacks(
 
     Args:
         names: attack names, e.g. ``("pgd", "ifgsm")``.
-        task: ``"segmentation"`` or ``"landmarks"`` (chooses the step-size factors).
+        task: ``"segmentation"``, ``"landmarks"`` or ``"detection"`` (chooses the step-size factors).
         steps: steps per attack in the order of ``names``, one int for all, or ``{name: steps}``;
             default PGD 100, IFGSM 10 (FGSM and noise ignore it).
         norm: ``"l2"`` (the papers) or ``"linf"``.

@@ -72,7 +72,7 @@ def robust_evaluate(
         metric: the task metric (default :class:`~amat_monai.metrics.SegmentationMetric`).
         attacks: attack names (``pgd``, ``ifgsm``, ``fgsm``, ``noise``) or :class:`AttackSpec` objects.
         eps: noise levels in input units; ``0`` may be included (it must score the clean value).
-        task: ``"segmentation"`` or ``"landmarks"``: the papers' step sizes for that task.
+        task: ``"segmentation"``, ``"landmarks"`` or ``"detection"``: the step sizes for that task.
         steps, norm, restarts, clamp: see :func:`make_attacks` (ignored for :class:`AttackSpec` entries).
         device: default: the network's device.
         inferer: optional ``inferer(x, network)`` (e.g. a MONAI inferer); attacks and scoring both use it.

@@ -29,14 +29,18 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 from amat_monai.attack_detection import FeatureDensityDetector, detector_paths, screen, squeeze_baseline
 from amat_monai.checkpoints import file_sha256, read_json
-from amat_monai.label.landmarks import check_landmark_result, find_landmark_decoder, landmark_label_map, to_image_grid
+from amat_monai.label.detection import BOX_DECODER, box_label_map, check_box_result
+from amat_monai.label.landmarks import check_landmark_result, find_decoder, landmark_label_map, to_image_grid
 from amat_monai.label.writer import write_label
-from amat_monai.landmarks import SaveLandmarksd
+from amat_monai.object_detection import DetectBoxesd
+from amat_monai.transforms import SaveResultd
 
-__all__ = ["SAVE_TRANSFORMS", "AmatBundleInferTask", "LandmarkBundleInferTask", "bundle_task", "check_bundle"]
+__all__ = ["SAVE_TRANSFORMS", "AmatBundleInferTask", "LandmarkBundleInferTask", "DetectionBundleInferTask",
+           "bundle_task", "check_bundle"]
 
 #: postprocessing transforms dropped when serving: results go back to the client, not into the bundle folder
-SAVE_TRANSFORMS = [SaveImaged, SaveLandmarksd]
+#: (``SaveResultd`` covers the landmark bundles' ``SaveLandmarksd``)
+SAVE_TRANSFORMS = [SaveImaged, SaveResultd]
 
 
 def check_bundle(path: str) -> dict:
@@ -201,12 +205,59 @@ class LandmarkBundleInferTask(AmatBundleInferTask):
         return path, result
 
 
+class DetectionBundleInferTask(AmatBundleInferTask):
+    """A local detection bundle: the JSON result holds the boxes, the image is a label map of their outlines.
+
+    The bundle's postprocessing must decode with :class:`amat_monai.object_detection.DetectBoxesd` (see
+    :mod:`amat_monai.label.detection`); the boxes are in the served image's pixels. The label map has the served
+    image's grid, with each box's outline (``outline_px`` wide) of value ``label + 1``. The task is served through
+    MONAI Label's segmentation path (a label image plus JSON, ``output=json`` for the JSON alone): its own detection
+    path expects 3D boxes for 3D Slicer.
+    """
+
+    outline_px = 2
+
+    def __init__(self, path: str, conf: dict[str, str], decoder_id: str, **kwargs) -> None:
+        # MONAI Label would take a bundle named "...detection" for its 3D box pipeline; the type is set here. The
+        # bundle's decoder is replaced by one on the served network (the config's holds another instance, whose
+        # anchors no forward pass has set)
+        super().__init__(path, conf, add_post_restore=False, type=InferType.SEGMENTATION,
+                         post_filter=[*SAVE_TRANSFORMS, DetectBoxesd], **kwargs)
+        parsed = {k: self.bundle_config.get_parsed_content(f"{decoder_id}#{k}") if f"{decoder_id}#{k}" in self.bundle_config
+                  else None for k in ("classes", "zoom")}
+        if not parsed["classes"]:
+            raise ValueError(f"bundle {path}: {decoder_id}#classes must list the class names")
+        self.class_names = [str(c) for c in parsed["classes"]]
+        self.zoom = [float(z) for z in parsed["zoom"] or (1.0, 1.0)]
+        self.labels = {name: i + 1 for i, name in enumerate(self.class_names)}
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        data = super().run_inferer(data, convert_to_batch, device)
+        decoder = DetectBoxesd(self.output_label_key, self._get_network(device, data), self.class_names, self.zoom)
+        return decoder(data)
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
+        result = self.result_json(data)
+        boxes = check_box_result(result, len(self.class_names))
+        shape = _spatial_shape(data, self.key_image)
+        if len(shape) != 2:
+            raise ValueError(f"detection bundles serve 2D images, got an image of spatial shape {shape}")
+        label_map = box_label_map(boxes, shape[0], shape[1], self.outline_px)
+        path = write_label(label_map, data.get("image_path"), 2, _affine(data, self.key_image))
+        result["label_map"] = {"outline_px": self.outline_px, "values": dict(self.labels)}
+        return path, result
+
+
 def bundle_task(path: str, conf: dict[str, str]) -> AmatBundleInferTask:
-    """The task serving the bundle at ``path``: landmarks when its postprocessing decodes them, else segmentation."""
+    """The task serving the bundle at ``path``: landmarks or boxes when its postprocessing decodes them, else
+    segmentation."""
     check_bundle(path)
     parser = ConfigParser()
     parser.read_config(os.path.join(path, "configs", "inference.json"))
-    decoder_id = find_landmark_decoder(parser)
+    decoder_id = find_decoder(parser)
     if decoder_id is not None:
         return LandmarkBundleInferTask(path, conf, decoder_id=decoder_id)
+    decoder_id = find_decoder(parser, name=BOX_DECODER)
+    if decoder_id is not None:
+        return DetectionBundleInferTask(path, conf, decoder_id=decoder_id)
     return AmatBundleInferTask(path, conf)

@@ -17,18 +17,20 @@ import numpy as np
 
 from amat_monai.landmarks import map_coordinates
 
-__all__ = ["DECODER", "check_landmark_result", "find_landmark_decoder", "landmark_label_map", "to_image_grid"]
+__all__ = ["DECODER", "check_landmark_result", "find_decoder", "landmark_label_map", "to_image_grid"]
 
 #: the transform that marks a bundle as a landmark bundle
 DECODER = "DecodeLandmarksd"
 
 
-def find_landmark_decoder(config: Any, key: str = "postprocessing") -> str | None:
-    """The config id of the :data:`DECODER` transform in ``config[key]`` (a ``Compose`` or a list), or None.
+def find_decoder(config: Any, key: str = "postprocessing", name: str = DECODER) -> str | None:
+    """The config id of the ``name`` transform (the landmark :data:`DECODER` unless told) in ``config[key]`` (a
+    ``Compose`` or a list), or None.
 
     Args:
         config: a ``monai.bundle.ConfigParser`` (or anything indexable by ids such as ``"postprocessing#transforms"``).
         key: the id of the postprocessing.
+        name: the transform's class name (the last part of its ``_target_``).
     """
     if key not in config:
         return None
@@ -39,7 +41,7 @@ def find_landmark_decoder(config: Any, key: str = "postprocessing") -> str | Non
         items, prefix = post, key
     for i, item in enumerate(items if isinstance(items, list) else []):
         target = item.get("_target_", "") if isinstance(item, Mapping) else ""
-        if isinstance(target, str) and target.rsplit(".", 1)[-1] == DECODER:
+        if isinstance(target, str) and target.rsplit(".", 1)[-1] == name:
             return f"{prefix}#{i}"
     return None
 
