@@ -27,6 +27,8 @@ Segmentation conventions (hard Dice ``2TP / (2TP + FP + FN)`` of the argmax pred
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -361,6 +363,23 @@ class LandmarkMetric(TaskMetric):
 # --------------------------------------------------------------------------------------------------------
 # Object detection
 # --------------------------------------------------------------------------------------------------------
+class _CocoClassWarnings(logging.Filter):
+    """Drops COCOMetric's per-class "no results / no gt found" warnings: per image they are the rule, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("WARNING, no ")
+
+
+@contextlib.contextmanager
+def _without_coco_class_warnings():
+    root, quiet = logging.getLogger(), _CocoClassWarnings()
+    root.addFilter(quiet)  # COCOMetric logs through the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def coco_map(detections: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Mapping[str, np.ndarray]],
              classes: Sequence[str], max_detections: int = 100) -> dict[str, float]:
     """COCO mAP@0.5:0.95, AP@0.5, AP@0.75 and per-class mAP over images (MONAI's ``matching_batch`` + ``COCOMetric``).
@@ -383,11 +402,12 @@ def coco_map(detections: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Ma
                 **{f"map_{c}": float("nan") for c in classes}}
     coco = COCOMetric(classes=list(classes), iou_list=(0.5, 0.75), iou_range=(0.5, 0.95, 0.05),
                       max_detection=(max_detections,), verbose=False)
-    matched = matching_batch(box_iou, coco.iou_thresholds, [d["boxes"] for d in detections],
-                             [d["labels"] for d in detections], [d["scores"] for d in detections],
-                             [t["boxes"] for t in truths], [t["labels"] for t in truths],
-                             max_detections=max_detections)
-    values, _ = coco(matched)
+    with _without_coco_class_warnings():
+        matched = matching_batch(box_iou, coco.iou_thresholds, [d["boxes"] for d in detections],
+                                 [d["labels"] for d in detections], [d["scores"] for d in detections],
+                                 [t["boxes"] for t in truths], [t["labels"] for t in truths],
+                                 max_detections=max_detections)
+        values, _ = coco(matched)
     suffix = f"MaxDet_{max_detections}"
 
     def per_class(name: str) -> list[float]:

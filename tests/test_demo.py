@@ -22,6 +22,18 @@ def test_texture_task_has_equally_bright_structures_and_a_checkerboard_on_one(tm
         assert abs((even.mean() - odd.mean()) / 2 - amplitude) < 1.5, cls  # ± amplitude on class 1 only
 
 
+def test_shapes_set_the_structures_sizes(tmp_path):
+    def counts(shapes):
+        task = make_synthetic_decathlon(tmp_path / str(shapes), num_cases=1, seed=3, texture=0.1, shapes=shapes)
+        label = np.asarray(nib.load(f"{task}/labelsTr/synthetic_000.nii.gz").dataobj)
+        return [(label == c).sum() for c in (1, 2)]
+
+    same = counts(((1.0, 1.0), (1.0, 1.0)))
+    small, large = counts(DEMO_SETTINGS["data"]["shapes"])
+    assert 0.8 < same[0] / same[1] < 1.25  # one geometry: about equal (class 1 keeps the voxels they share)
+    assert large > 2.5 * small  # the demo's: class 2 ~ (1.1 * 1.7) / 0.7² of class 1 in the plane
+
+
 def test_demo_trains_every_method_and_writes_the_table_and_pictures(tmp_path, capsys):
     tiny = {
         "data": {"num_cases": 6},

@@ -30,13 +30,16 @@ from conftest import PROJECT_ROOT, SEG_TINY
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 DOCS = ["README.md", "bundles/hippocampus_seg/docs/README.md", "bundles/ceph_landmarks/docs/README.md",
-        "docs/PERFORMANCE.md"]
+        "bundles/bccd_detection/docs/README.md", "docs/PERFORMANCE.md"]
 CEPH_TINY = {"image_size": [48, 40], "radius": 3.0, "features": [4, 4, 8, 8, 16, 4], "batch_size": 2,
              "validate_max_cases": 2}
-MAX_CASES = {"seg": 4, "ceph": 2}
+BCCD_TINY = {"widths": [4, 8, 8, 16], "fpn_channels": 8, "batch_size": 2, "validate_max_cases": 2}
+TINY = {"ceph": CEPH_TINY, "bccd": BCCD_TINY}
+MAX_CASES = {"seg": 4, "ceph": 2, "bccd": 2}
 STEPS = "3,2"  # PGD, IFGSM
 #: the network's shape: not overridden for a command that loads a shipped model (bundles/<b>/models/model.pt)
-SHAPE_KEYS = ("patch_size", "network_filters", "network_kernels", "network_strides", "image_size", "features", "radius")
+SHAPE_KEYS = ("patch_size", "network_filters", "network_kernels", "network_strides", "image_size", "features", "radius",
+              "widths", "fpn_channels")
 
 _RUN = re.compile(r"^((?:[A-Z_]+=\S+ )*)(amat-monai (?:train|calibrate|evaluate|compare|detector (?:fit|evaluate))"
                   r"|python -m monai\.bundle run"
@@ -62,7 +65,7 @@ def _lines(block: str) -> list[str]:
 
 
 def _tiny_args(command: str, kind: str, line: str) -> list[str]:
-    tiny = SEG_TINY if kind == "seg" else CEPH_TINY
+    tiny = TINY.get(kind, SEG_TINY)
     if re.search(r"bundles/\w+/models/model\.pt", line):
         tiny = {k: v for k, v in tiny.items() if k not in SHAPE_KEYS}
     if command.startswith("amat-monai"):
@@ -118,7 +121,7 @@ def test_documented_commands_run_as_written(doc, amat_data_dir, tmp_path):
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ran, skipped_all = 0, []
     for i, block in enumerate(_blocks(PROJECT_ROOT / doc)):
-        kind = "ceph" if "ceph" in block else "seg"
+        kind = "ceph" if "ceph" in block else "bccd" if "bccd" in block else "seg"
         script, skipped = _script(block, kind, substitutions)
         skipped_all += skipped
         commands = sum(1 for line in script.splitlines() if _RUN.match(line.strip()))

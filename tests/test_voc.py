@@ -68,6 +68,9 @@ def test_synthetic_folder_round_trip_and_split_errors(tmp_path):
         assert (item["boxes"][:, 2] > item["boxes"][:, 0]).all() and item["boxes"][:, 2].max() <= 160
         assert {0, 2} <= set(item["labels"].tolist())  # RBC and platelets in every image
     assert read_voc_split(root, "trainval") == read_voc_split(root, "train") + read_voc_split(root, "val")
+    own = tmp_path / "cases.txt"  # a list of the user's own (amat-monai evaluate --cases FILE)
+    own.write_text("Synthetic_00005\n\nSynthetic_00001\n")
+    assert [i["sample_id"] for i in voc_datalist(root, str(own))] == ["Synthetic_00005", "Synthetic_00001"]
     with pytest.raises(FileNotFoundError, match=r"split list not found: .*test9\.txt \(available: \['test', 'train', "
                                                 r"'trainval', 'val'\]\)"):
         voc_datalist(root, "test9")

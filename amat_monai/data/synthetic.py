@@ -19,8 +19,12 @@ import numpy as np
 __all__ = ["make_synthetic_decathlon"]
 
 
+#: in-plane scale of each structure's radii (class 1, class 2) in the texture task: round against stretched
+DEFAULT_SHAPES = ((0.85, 0.85), (1.0, 1.35))
+
+
 def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contrast: float, noise: float,
-          texture: float = 0.0):
+          texture: float = 0.0, shapes: Sequence[Sequence[float]] = DEFAULT_SHAPES):
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), axis=-1)
     centre = np.array(shape) / 2 + rng.uniform(-1.5, 1.5, 3)
     # the two structures touch along a random in-plane direction (axes 0 and 1; slices are cut along axis 2),
@@ -34,7 +38,7 @@ def _case(rng: np.random.Generator, shape: Sequence[int], channels: int, contras
     label = np.zeros(shape, dtype=np.uint8)
     for cls, sign in ((1, -1.0), (2, 1.0)):
         # with a texture the classes also differ in shape: class 1 round, class 2 stretched across the axis
-        stretch = np.ones(3) if texture == 0 else np.array([0.85, 0.85, 1.0]) if cls == 1 else np.array([1.0, 1.35, 1.0])
+        stretch = np.ones(3) if texture == 0 else np.array([*shapes[cls - 1], 1.0])
         d = (((grid - (centre + sign * offset)) / (radii * stretch)) ** 2).sum(axis=-1)
         label[(d <= 1.0) & (label == 0)] = cls
     # smooth background (a random linear bias field) + structure contrast + noise; classes differ slightly
@@ -63,6 +67,7 @@ def make_synthetic_decathlon(
     seed: int = 0,
     name: str = "synthetic",
     texture: float = 0.0,
+    shapes: Sequence[Sequence[float]] = DEFAULT_SHAPES,
 ) -> str:
     """Write a synthetic Decathlon task and return its folder.
 
@@ -79,6 +84,8 @@ def make_synthetic_decathlon(
             and told apart by shape (class 1 round, class 2 stretched) and by a faint voxel checkerboard of this
             amplitude (in units of ``contrast``) on class 1 only: a shortcut that a normally trained network
             takes and that a small perturbation erases (the demo's task).
+        shapes: with a texture, the in-plane scale of each structure's radii, ``((a1, b1), (a2, b2))`` for
+            classes 1 and 2 (default: class 1 round at 0.85, class 2 stretched 1.35 across the touching axis).
     """
     if num_cases < 1 or channels < 1:
         raise ValueError(f"num_cases and channels must be >= 1, got {num_cases}, {channels}")
@@ -89,7 +96,7 @@ def make_synthetic_decathlon(
     training = []
     for i in range(num_cases):
         shape = [int(rng.integers(lo, hi + 1)) for lo, hi in shape_range]
-        image, label = _case(rng, shape, channels, contrast, noise, texture)
+        image, label = _case(rng, shape, channels, contrast, noise, texture, shapes)
         case = f"{name}_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / case))
         nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / case))

@@ -113,9 +113,10 @@ def read_voc_annotation(path: str | os.PathLike, classes: Sequence[str] = BCCD_C
 
 
 def read_voc_split(root: str | os.PathLike, split: str) -> list[str]:
-    """Image ids of ``ImageSets/Main/<split>.txt``; a missing list names the lists that exist."""
+    """Image ids of ``ImageSets/Main/<split>.txt``, or of the text file ``split`` names (one id per line, e.g.
+    ``amat-monai evaluate --cases FILE``); a missing list names the lists that exist."""
     lists = Path(root) / "ImageSets" / "Main"
-    path = lists / f"{split}.txt"
+    path = Path(split) if str(split).endswith(".txt") and Path(split).is_file() else lists / f"{split}.txt"
     if not path.is_file():
         available = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
         raise FileNotFoundError(f"split list not found: {path} (available: {available})")
