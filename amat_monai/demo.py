@@ -12,6 +12,7 @@ Everything runs on the CPU in a few minutes; the settings are in :data:`DEMO_SET
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -122,9 +123,22 @@ def _dice(pred: torch.Tensor, label: torch.Tensor) -> float:
     return sum(scores) / len(scores)
 
 
+def _typical_slice(models: dict[str, str], out: Path, eps: float) -> str:
+    """The evaluated test slice that looks most like the table: the one whose PGD Dice at ``eps`` is, over all
+    models together, closest (squared distance) to each model's mean over the slices (from ``robustness.csv``)."""
+    values: dict[str, dict[str, float]] = {}
+    for name in models:
+        with open(out / "eval" / name / "robustness.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["attack"] == "pgd" and float(r["eps"]) == eps and r["dice"]]
+        values[name] = {r["sample_id"]: float(r["dice"]) for r in rows}
+    means = {name: sum(v.values()) / len(v) for name, v in values.items()}
+    common = set.intersection(*(set(v) for v in values.values()))
+    return min(sorted(common), key=lambda sid: sum((values[n][sid] - means[n]) ** 2 for n in models))
+
+
 def _picture(models: dict[str, str], dataset_dir: str, out: Path, device: str, overrides: dict, ev: dict) -> Path:
-    """``demo.png``: a test slice, its label, the PGD perturbation against STD, and every model's prediction on
-    the slice attacked against that model (white-box, the middle ε of the table)."""
+    """``demo.png``: a typical test slice (:func:`_typical_slice`), its label, the PGD perturbation against STD,
+    and every model's prediction on the slice attacked against that model (white-box, the middle ε of the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,11 +147,11 @@ def _picture(models: dict[str, str], dataset_dir: str, out: Path, device: str, o
     parser = _bundle_parser(dataset_dir, out, device, overrides)
     dataset = parser.get_parsed_content("test#dataset")
     loss_terms = parser.get_parsed_content("loss_terms")
-    # the slice with the most foreground shows both structures best
-    item = max((dataset[i] for i in range(len(dataset))), key=lambda d: int((torch.as_tensor(d["label"]) > 0).sum()))
+    eps = float(ev["eps"][len(ev["eps"]) // 2])
+    sample_id = _typical_slice(models, out, eps)
+    item = next(dataset[i] for i in range(len(dataset)) if dataset[i]["sample_id"] == sample_id)
     x = torch.as_tensor(item["image"]).float()[None].to(device)
     y = torch.as_tensor(item["label"]).long()[None].to(device)
-    eps = float(ev["eps"][len(ev["eps"]) // 2])
     attacked = {}
     for name, path in models.items():
         network = _network(parser, path, device)
@@ -151,7 +165,7 @@ def _picture(models: dict[str, str], dataset_dir: str, out: Path, device: str, o
     fig, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 4.8))
     for ax in axes.ravel():
         ax.axis("off")
-    panels = [(x[0, 0].cpu(), "test slice", "gray"), (label, "label", "viridis"),
+    panels = [(x[0, 0].cpu(), f"test slice {sample_id}", "gray"), (label, "label", "viridis"),
               (std_clean, f"STD, clean: Dice {_dice(std_clean, label):.2f}", "viridis"),
               ((std_adv - x)[0, 0].cpu(), f"PGD perturbation vs STD (L2 ε={eps:g})", "coolwarm")]
     for ax, (image, title, cmap) in zip(axes[0], panels):
