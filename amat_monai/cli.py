@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(handler="amat_monai.commands:detector_evaluate_command")
 
     p = add("compare", "one table and one plot from several evaluation runs",
-            "Writes OUTPUT_DIR/comparison.md, comparison.csv and comparison.png, and prints the table.")
+            "Writes OUTPUT_DIR/comparison.md, comparison.csv and comparison.png (with a table, a csv and a panel per "
+            "secondary value where the reports have them, e.g. detection's map50), and prints the tables.")
     p.add_argument("run_dirs", nargs="+", help="folders holding robustness.json")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--names", type=_names, default=None, help="row names, in the order of the run folders")

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from amat_monai.attack_detection.detector import detector_paths
 from amat_monai.checkpoints import atomic_write_text
 from amat_monai.data.decathlon import read_case_list
-from amat_monai.reporting import load_report, paper_table, plot_runs
+from amat_monai.reporting import load_report, metric_tables, plot_runs, report_values
 from amat_monai.workflows import (
     build_workflow,
     calibrate,
@@ -237,11 +237,14 @@ def compare_command(args: argparse.Namespace) -> int:
     names = args.names or [str(r.get("name") or Path(d).name) for r, d in zip(reports, args.run_dirs)]
     if len(names) != len(reports):
         raise ValueError(f"--names gives {len(names)} names for {len(reports)} run folders")
-    table = paper_table(reports, names)
+    tables = metric_tables(reports, names)  # the primary metric, then e.g. detection's mAP@0.5 and per-class mAP
     out = Path(args.output_dir)
-    atomic_write_text(out / "comparison.md", table.markdown)
-    atomic_write_text(out / "comparison.csv", table.csv)
-    plot_runs(reports, out / "comparison.png", names)
-    print(table.markdown, end="")
-    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+    markdown = "\n".join(t.markdown for t in tables)
+    atomic_write_text(out / "comparison.md", markdown)
+    atomic_write_text(out / "comparison.csv", tables[0].csv)
+    for value, table in zip(report_values(reports)[1:], tables[1:]):
+        atomic_write_text(out / f"comparison_{value}.csv", table.csv)
+    plot_runs(reports, out / "comparison.png", names, values=report_values(reports))
+    print(markdown, end="")
+    print(f"wrote {out / 'comparison.md'}, comparison*.csv, comparison.png")
     return 0

@@ -79,9 +79,12 @@ class TaskMetric:
         break_fraction: the "very large ε breaks the model" sanity check expects the primary value to fall
             below ``break_fraction * clean`` (higher is better) or rise above ``clean / break_fraction``.
         digits: decimals of the primary value in tables.
+        reported: other summary values that the reports tabulate and plot beside the primary one (detection:
+            mAP@0.5, mAP@0.75 and per-class mAP).
     """
 
     name: str = "metric"
+    reported: tuple[str, ...] = ()
     higher_is_better: bool = True
     meta_keys: tuple[str, ...] = ()
     tolerance: float = 0.01
@@ -447,6 +450,7 @@ class DetectionMetric(TaskMetric):
                  label_key: str = CommonKeys.LABEL, max_boxes: int = 64, max_detections: int = 100) -> None:
         self.detect, self.classes, self.label_key = detect, tuple(classes), label_key
         self.max_boxes, self.max_detections = int(max_boxes), int(max_detections)
+        self.reported = ("map50", "map75", *(f"map_{c}" for c in self.classes))
 
     @staticmethod
     def _unpack(dets: np.ndarray, gts: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

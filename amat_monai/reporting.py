@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Table", "load_report", "paper_table", "plot_runs", "save_figure"]
+__all__ = ["Table", "load_report", "paper_table", "metric_tables", "report_values", "plot_runs", "save_figure"]
 
 
 @dataclass
@@ -72,10 +72,21 @@ def _columns(reports: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, float
     return cols
 
 
-def _value(report: Mapping[str, Any], label: str, eps: float) -> float | None:
+def _value(report: Mapping[str, Any], label: str, eps: float, value: str | None = None) -> float | None:
     rows = [r for r in report["results"] if _label(r) == label and float(r["eps"]) == eps]
-    v = rows[0]["value"] if rows else None
+    v = (rows[0]["value"] if value is None else rows[0].get("metrics", {}).get(value)) if rows else None
     return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def _clean(report: Mapping[str, Any], value: str | None = None) -> float | None:
+    v = report["clean"] if value is None else report.get("clean_metrics", {}).get(value)
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def report_values(reports: Sequence[Mapping[str, Any]]) -> list[str | None]:
+    """``None`` (the primary metric) and the other values every report lists in ``reported_metrics``."""
+    shared = [v for v in reports[0].get("reported_metrics", []) if all(v in r.get("reported_metrics", []) for r in reports)]
+    return [None, *shared]
 
 
 def _attack_settings(reports: Sequence[Mapping[str, Any]]) -> str:
@@ -100,12 +111,15 @@ def _attack_settings(reports: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(f"{label} {' / '.join(opts)}" for label, opts in by_label.items())
 
 
-def paper_table(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> Table:
+def paper_table(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None,
+                value: str | None = None) -> Table:
     """The papers' table: one row per report, clean then each attack's ε columns and its average.
 
     The average of an attack is the mean of its values over the table's ε columns ("–" when the run lacks
     one of them, so that averages over different ε sets are never compared). With several reports, the best
-    value of each column is in bold. Values use the report's ``digits`` (4 for Dice, 2 for MRE).
+    value of each column is in bold. Values use the report's ``digits`` (4 for Dice, 2 for MRE). ``value``
+    tabulates another summary value of the reports (one of their ``reported_metrics``, e.g. ``"map50"``) instead
+    of the primary metric.
     """
     if not reports:
         raise ValueError("no reports to tabulate")
@@ -116,18 +130,19 @@ def paper_table(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | Non
     if len(names) != len(reports):
         raise ValueError(f"{len(names)} names for {len(reports)} runs")
     metric, higher = next(iter(metrics))
+    metric = metric if value is None else value
     digits = int(reports[0].get("digits", 4 if higher else 2))
     cols = _columns(reports)
     header = ["method", "clean"] + [c[0] for c in cols]
     values = []
     for report in reports:
-        row: list[float | None] = [float(report["clean"])]
+        row: list[float | None] = [_clean(report, value)]
         for _, label, eps in cols:
             if eps is not None:
-                row.append(_value(report, label, eps))
+                row.append(_value(report, label, eps, value))
                 continue
             # the average over the table's ε columns of this attack; undefined when one of them is missing
-            cells = [_value(report, label, e) for _, lab, e in cols if lab == label and e is not None]
+            cells = [_value(report, label, e, value) for _, lab, e in cols if lab == label and e is not None]
             row.append(sum(cells) / len(cells) if cells and None not in cells else None)
         values.append(row)
 
@@ -143,6 +158,10 @@ def paper_table(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | Non
         return f"**{text}**" if best[j] is not None and v == best[j] else text
 
     rows = [[name] + [fmt(v, j) for j, v in enumerate(vals)] for name, vals in zip(names, values)]
+    if value is not None:  # a secondary table: the attack settings and warnings are the primary table's
+        lines = [f"{metric} ({'higher' if higher else 'lower'} is better)", "", "| " + " | ".join(header) + " |",
+                 "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
+        return Table(header=header, rows=rows, markdown="\n".join(lines) + "\n", csv=_csv(header, names, values))
     arrow = "higher is better" if higher else "lower is better"
     lines = [
         f"{metric} ({arrow}); n = {', '.join(str(r.get('n_samples', '?')) for r in reports)} samples",
@@ -158,18 +177,29 @@ def paper_table(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | Non
             if r.get("sanity", {}).get("passed") is False]
     if warn:
         lines += ["", *warn]
+    return Table(header=header, rows=rows, markdown="\n".join(lines) + "\n", csv=_csv(header, names, values))
+
+
+def _csv(header: list[str], names: Sequence[str], values: list[list[float | None]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for name, vals in zip(names, values):
         writer.writerow([name] + ["" if v is None else repr(float(v)) for v in vals])
-    return Table(header=header, rows=rows, markdown="\n".join(lines) + "\n", csv=buffer.getvalue())
+    return buffer.getvalue()
+
+
+def metric_tables(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> list[Table]:
+    """:func:`paper_table` of the primary metric, then one per value of :func:`report_values`."""
+    return [paper_table(reports, names, value) for value in report_values(reports)]
 
 
 def plot_runs(
-    reports: Sequence[Mapping[str, Any]], path: str | os.PathLike, names: Sequence[str] | None = None
+    reports: Sequence[Mapping[str, Any]], path: str | os.PathLike, names: Sequence[str] | None = None,
+    values: Sequence[str | None] = (None,),
 ) -> None:
-    """Metric against ε, one line per attack (and per run: colour = run, line style = attack), clean at ε = 0.
+    """Metric against ε, one line per attack (and per run: colour = run, line style = attack), clean at ε = 0;
+    one panel per entry of ``values`` (``None``: the primary metric; else a summary value such as ``"map50"``).
     Written atomically (PNG, matplotlib Agg backend)."""
     import matplotlib
 
@@ -178,22 +208,31 @@ def plot_runs(
 
     names = list(names) if names else [str(r.get("name") or f"run{i}") for i, r in enumerate(reports)]
     styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    values = list(values) or [None]
+    cols = min(len(values), 3)
+    rows = -(-len(values) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
     try:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, (name, report) in enumerate(zip(names, reports)):
-            labels = list(dict.fromkeys(_label(r) for r in report["results"]))
-            for j, label in enumerate(labels):
-                pts = sorted((float(r["eps"]), float(r["value"])) for r in report["results"]
-                             if _label(r) == label and r["value"] is not None and float(r["eps"]) > 0)
-                xs, ys = zip(*([(0.0, float(report["clean"]))] + pts))
-                legend = label if len(reports) == 1 else f"{name} {label}"
-                ax.plot(xs, ys, styles[j % len(styles)], marker="o", color=colors[i % len(colors)], label=legend)
-        metric = reports[0]["metric"]
-        ax.set_xlabel(f"ε ({reports[0]['results'][0].get('norm', 'l2').upper()} norm of the noise)")
-        ax.set_ylabel(metric + (" (higher is better)" if reports[0]["higher_is_better"] else " (lower is better)"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax in axes.ravel()[len(values):]:
+            ax.axis("off")
+        for ax, value in zip(axes.ravel(), values):
+            for i, (name, report) in enumerate(zip(names, reports)):
+                labels = list(dict.fromkeys(_label(r) for r in report["results"]))
+                for j, label in enumerate(labels):
+                    eps = sorted({float(r["eps"]) for r in report["results"] if _label(r) == label and float(r["eps"]) > 0})
+                    pts = [(0.0, _clean(report, value))] + [(e, _value(report, label, e, value)) for e in eps]
+                    pts = [(x, y) for x, y in pts if y is not None]
+                    if not pts:
+                        continue
+                    xs, ys = zip(*pts)
+                    legend = label if len(reports) == 1 else f"{name} {label}"
+                    ax.plot(xs, ys, styles[j % len(styles)], marker="o", color=colors[i % len(colors)], label=legend)
+            metric = reports[0]["metric"] if value is None else value
+            ax.set_xlabel(f"ε ({reports[0]['results'][0].get('norm', 'l2').upper()} norm of the noise)")
+            ax.set_ylabel(metric + (" (higher is better)" if reports[0]["higher_is_better"] else " (lower is better)"))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         save_figure(fig, path)
     finally:

@@ -203,8 +203,10 @@ def test_protocol_defaults_per_task():
         make_attacks(("pgd", "cw"))
     with pytest.raises(ValueError, match="2 values for 1 attacks"):
         make_attacks(("pgd",), steps=[7, 3])
+    det = {a.name: a for a in make_attacks(("pgd", "ifgsm"), task="detection")}
+    assert det["pgd"].step_size(10.0) == pytest.approx(4 * 10.0 / 100) and det["ifgsm"].step_size(10.0) == 4.0
     with pytest.raises(ValueError, match="task"):
-        make_attacks(("pgd",), task="detection")
+        make_attacks(("pgd",), task="classification")
 
 
 def test_worst_restart_is_kept_per_sample():

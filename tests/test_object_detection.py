@@ -161,3 +161,6 @@ def test_robust_evaluation_of_a_detector_reports_map(detector, tmp_path):
     assert report["metric"] == "map" and {"map", "map50", "map75", "map_a"} <= set(report["clean_metrics"])
     header = (tmp_path / "robustness.csv").read_text().splitlines()[0]
     assert ",map," in f"{header}," and "_detections" not in header
+    assert report["reported_metrics"] == ["map50", "map75", "map_a", "map_b", "map_c"]
+    markdown = (tmp_path / "robustness.md").read_text()
+    assert "map (higher is better)" in markdown and "map_c (higher is better)" in markdown

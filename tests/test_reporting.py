@@ -88,3 +88,32 @@ def test_plot_runs_single_report(tmp_path):
     plot_runs([STD], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".*"))
+
+
+def _detection(name: str, clean: dict, pgd: list[dict]) -> dict:
+    """A detection report: the primary ``map`` and the reported ``map50`` per cell."""
+    results = [{"attack": "pgd", "norm": "l2", "eps": e, "steps": 20, "step_size": 0.2 * e, "restarts": 1,
+                "value": m["map"], "metrics": m} for e, m in zip((5.0, 10.0), pgd)]
+    return {"task": "detection", "metric": "map", "higher_is_better": True, "name": name, "n_samples": 72,
+            "clean": clean["map"], "clean_metrics": clean, "reported_metrics": ["map50"], "results": results,
+            "averages": {}, "sanity": {"passed": True}}
+
+
+def test_secondary_values_get_their_own_table_csv_and_panel(tmp_path, capsys):
+    from PIL import Image
+
+    runs = {"STD": _detection("STD", {"map": 0.55, "map50": 0.85}, [{"map": 0.10, "map50": 0.20}, {"map": 0.0, "map50": 0.01}]),
+            "AMAT": _detection("AMAT", {"map": 0.54, "map50": 0.84}, [{"map": 0.30, "map50": 0.60}, {"map": 0.2, "map50": 0.45}])}
+    for name, report in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "robustness.json").write_text(json.dumps(report))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "STD"), str(tmp_path / "AMAT"), "--output-dir", str(out)]) == 0
+    markdown = (out / "comparison.md").read_text()
+    assert "map (higher is better)" in markdown and "map50 (higher is better)" in markdown
+    assert "| AMAT | 0.8400 | **0.6000** | **0.4500** | **0.5250** |" in markdown.split("map50 (higher")[1]
+    rows = list(csv.reader(io.StringIO((out / "comparison_map50.csv").read_text())))
+    assert rows[1][:2] == ["STD", "0.85"] and float(rows[1][4]) == pytest.approx(0.105)
+    with Image.open(out / "comparison.png") as png:
+        assert png.size[0] >= 2 * 600  # two panels side by side (6 inches each at 120 dpi)
+    assert "map50" in capsys.readouterr().out

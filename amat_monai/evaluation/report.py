@@ -23,7 +23,7 @@ from amat_monai.evaluation.engine import RobustEvaluator
 from amat_monai.evaluation.grid import AttackSpec, build_cells, make_attacks
 from amat_monai.evaluation.sanity import finite_or_none, sanity_checks
 from amat_monai.metrics import SegmentationMetric, TaskMetric
-from amat_monai.reporting import paper_table, plot_runs
+from amat_monai.reporting import metric_tables, plot_runs, report_values
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,7 @@ def robust_evaluate(
         "n_samples": n,
         "clean": clean,
         "clean_metrics": {k: finite_or_none(v) for k, v in clean_summary.items()},
+        "reported_metrics": [k for k in getattr(metric, "reported", ()) if k in clean_summary],
         "results": results,
         "averages": averages,
         "throughput": {
@@ -267,7 +268,7 @@ def write_outputs(output_dir: str | os.PathLike, report: Mapping[str, Any], rows
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
     atomic_write_text(out / "robustness.csv", buffer.getvalue())
-    atomic_write_text(out / "robustness.md", paper_table([public]).markdown)
-    plot_runs([public], out / "robustness.png")
+    atomic_write_text(out / "robustness.md", "\n".join(t.markdown for t in metric_tables([public])))
+    plot_runs([public], out / "robustness.png", values=report_values([public]))
 
 
