@@ -98,9 +98,20 @@ class ResNetFPN(nn.Module):
         self.backbone = ResNet("basic", list(layers), list(widths), spatial_dims=spatial_dims,
                                n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
         self.returned_layers = sorted(int(k) for k in returned_layers)
+        # MONAI's ResNet always builds four stages; those above the last returned one feed nothing, and unused
+        # parameters would stop DistributedDataParallel. Checkpoints saved with them still load (their keys are
+        # dropped on load).
+        self.trimmed = [f"layer{k}" for k in range(self.returned_layers[-1] + 1, 5)]
+        for name in self.trimmed:
+            setattr(self.backbone, name, nn.Identity())
+        self._register_load_state_dict_pre_hook(self._drop_trimmed_keys)
         self.fpn = FeaturePyramidNetwork(spatial_dims, [int(widths[k - 1]) for k in self.returned_layers],
                                          int(fpn_channels), extra_blocks=LastLevelMaxPool(spatial_dims))
         self.out_channels = int(fpn_channels)
+
+    def _drop_trimmed_keys(self, state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if any(k.startswith(f"{prefix}backbone.{n}.") for n in self.trimmed)]:
+            del state_dict[key]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         b = self.backbone

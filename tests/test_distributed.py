@@ -213,6 +213,27 @@ def test_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
     assert Path(paths["model"]).is_file()
 
 
+@pytest.mark.slow
+def test_detection_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
+    from amat_monai.checkpoints import atomic_write_text
+    from amat_monai.data.voc import make_synthetic_voc
+    from amat_monai.workflows import train
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "bccd_detection"
+    data = make_synthetic_voc(tmp_path / "voc", num_images=8, seed=2)
+    xi_file = tmp_path / "xi.json"  # per-image mAP above -1 always: every margin grows by Δ on its one visit
+    atomic_write_text(xi_file, json.dumps({"xi": [1.0, 1.0, 1.0], "metric": {"name": "map", "xi": -1.0}}))
+    tiny = {"epochs": 1, "batch_size": 1, "attack_steps": 2, "widths": [4, 8, 8, 16], "fpn_channels": 8, "delta": 1.0,
+            "val_interval": 5}
+    paths = train(bundle, "amat", data, tmp_path / "out", nproc=2, device="cpu", xi_file=str(xi_file), **tiny)
+    state = torch.load(next(Path(paths["ckpt_dir"]).glob("checkpoint_epoch=*.pt")), weights_only=False)
+    margins = state["adversarial"]["margins"]
+    # both ranks' images (2 each, batch 1) in rank 0's table, each grown once from Δ
+    assert sorted(margins["ids"]) == [f"Synthetic_{i:05d}" for i in range(4)]
+    torch.testing.assert_close(margins["margins"], torch.full((4,), 2.0, dtype=margins["margins"].dtype))
+    assert Path(paths["model"]).is_file()
+
+
 def test_sync_helpers_are_no_ops_in_one_process():
     assert not D.is_distributed() and D.get_rank() == 0 and D.get_world_size() == 1
     assert D.init_process_group("cpu") is (torch.distributed.is_initialized() or "WORLD_SIZE" in os.environ)

@@ -49,6 +49,20 @@ def test_forward_and_loss_need_no_torchvision(detector):
     assert torch.equal(terms, DetectionLoss(detector)(detector(x), y))  # deterministic: no random sampling
 
 
+def test_unused_resnet_stages_are_dropped_and_old_checkpoints_still_load():
+    detector = build_retinanet(widths=(4, 8, 8, 16), fpn_channels=8, returned_layers=(1, 2))
+    names = [n for n, _ in detector.named_parameters()]
+    assert not any(".layer3." in n or ".layer4." in n for n in names)  # every parameter feeds the loss (DDP)
+    assert any(".layer2." in n for n in names)
+    # a state dict that still holds the unused stages (as saved before they were dropped) loads strictly
+    state = dict(detector.state_dict())
+    state["network.feature_extractor.backbone.layer4.0.conv1.weight"] = torch.zeros(16, 8, 3, 3)
+    detector.load_state_dict(state, strict=True)
+    state["network.feature_extractor.backbone.layer9.weight"] = torch.zeros(1)  # anything else is still refused
+    with pytest.raises(RuntimeError, match="layer9"):
+        detector.load_state_dict(state, strict=True)
+
+
 def test_per_sample_rows_equal_single_image_runs(detector):
     x, y = _batch()
     batch = DetectionLoss(detector)(detector(x), y)
