@@ -45,7 +45,8 @@ from amat_monai.margins import (
 
 __all__ = ["AdaptiveMarginHandler", "OUTCOMES"]
 
-#: what happened to a sample's margin at its last visit
+#: what happened to a sample's margin at its last visit: the condition passed (grown), failed (shrunk by the shrink
+#: rule, which with ``shrink="none"`` keeps the margin), or failed on the clean input (frozen)
 OUTCOMES = ("grown", "shrunk", "frozen")
 
 
@@ -238,7 +239,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
             self.logger.info(
                 f"epoch {engine.state.epoch}: margins of {summary['count']} samples: mean {summary['mean']:.4f}, "
                 f"median {summary['median']:.4f}, min {summary['min']:.4f}, max {summary['max']:.4f}; "
-                + ", ".join(f"{k} {v}" for k, v in counts.items())
+                + ", ".join(f"{'failed, kept' if k == 'shrunk' and self.shrink == 'none' else k} {v}"
+                            for k, v in counts.items())
             )
         if self.history_path is not None and get_rank() == 0:
             atomic_write_text(self.history_path, json.dumps(self.report()) + "\n")
