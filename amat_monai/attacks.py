@@ -105,14 +105,17 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _attack_context(model: nn.Module, train_mode: bool | None) -> Iterator[None]:
-    was_training = model.training
+    # every module's own mode is restored: a wrapper module (left in train mode by default) around a network in
+    # eval mode must not put the network back in train mode, where batch norm would use and update batch statistics
+    modes = [(m, m.training) for m in model.modules()]
     if train_mode is not None:
         model.train(train_mode)
     try:
         with frozen_norm_statistics(model), torch.enable_grad():
             yield
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _as_radius(value: float | torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,30 @@ def _flags(report: dict) -> dict:
     return {k: v["passed"] for k, v in report["sanity"]["checks"].items()}
 
 
+class BatchNormed(nn.Module):
+    """Threshold behind a batch norm whose running statistics are the identity: eval mode gives the clean Dice 1,
+    train mode (batch statistics) gives other outputs and moves the running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1, affine=False)
+        self.threshold = Threshold()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.threshold(self.norm(x))
+
+
+def test_evaluation_keeps_a_batch_norm_network_in_eval_mode_through_every_attack():
+    # the evaluator wraps the network in its scoring path; restoring the wrapper's default train mode after an
+    # attack used to switch the network to train mode, so attacked inputs were scored with batch statistics
+    model = BatchNormed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = _evaluate(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "running statistics moved"
+    assert not model.training and not model.norm.training
+    assert _flags(report)["zero_eps_equals_clean"] is True and report["clean"] == pytest.approx(1.0)
+
+
 def test_sanity_zero_eps_fires_on_a_randomised_model():
     with pytest.warns(RuntimeWarning, match="zero_eps_equals_clean"):
         report = _evaluate(Noisy())

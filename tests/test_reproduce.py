@@ -21,7 +21,7 @@ def _run(tmp: Path, *extra: str) -> str:
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--protocol", "smoke", "--task", "hippocampus",
            "--data-dir", str(tmp / "data"), "--output-dir", str(tmp / "runs"), "--results",
            str(tmp / "docs" / "RESULTS.md"), "--device", "cpu", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

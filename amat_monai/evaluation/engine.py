@@ -174,7 +174,7 @@ class RobustEvaluator(Evaluator):
             ids = [f"{engine.state.iteration - 1}:{i}" for i in range(n)]
         meta = {k: _per_sample_list(batchdata, k, n) for k in self.metric.meta_keys}
 
-        self.network.eval()
+        self.model.eval()  # the scored path (and the network in it) in eval mode
         clean_values, clean_loss = self._score(x, y, batch)
         out = {
             "ids": ids,
