@@ -317,15 +317,15 @@ def rebuild_results(path: Path, results_dir: Path) -> None:
     sections = [(results_dir / t / name).read_text() for t in TASKS for name in ("MARGINS.md", "RESULTS.md")
                 if (results_dir / t / name).is_file()]
     detection = [(t, results_dir / t / "detection" / "DETECTION.md") for t in TASKS]
-    detection = [(t, path) for t, path in detection if path.is_file()]
+    detection = [(t, report) for t, report in detection if report.is_file()]
     if detection:
         sections += ["## Detecting attacked inputs (fitted on clean data only)", "",
                      "`amat_monai.attack_detection`: the feature-density detector (a Ledoit–Wolf Gaussian per hooked "
                      "layer, Mahalanobis distance z-scored on clean training data) beside the training-free squeeze "
                      "baseline (median filter, change of the output probabilities). The adaptive rows attack model "
                      "and one detector together (PGD on the task loss minus weight × that detector's score).", ""]
-        for t, path in detection:
-            sections += [f"### {TASKS[t]['title']}", "", path.read_text()]
+        for t, report in detection:  # not `path`: that is the file this writes
+            sections += [f"### {TASKS[t]['title']}", "", report.read_text()]
     header = [
         "# Results on real data", "",
         "Each section was written by the command it names (`scripts/reproduce.py`); machine-readable numbers are in",
