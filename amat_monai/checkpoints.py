@@ -382,6 +382,10 @@ def fit_problem(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str | 
     """Why ``state`` cannot be loaded strictly into ``network``, in one line (which network, which shapes), or
     ``None`` when it fits."""
     own = network.state_dict()
+    state = dict(state)
+    for prefix, module in network.named_modules():  # keys a module drops on load (e.g. unused ResNet stages)
+        if hasattr(module, "drop_trimmed_keys"):
+            module.drop_trimmed_keys(state, f"{prefix}." if prefix else "")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]

@@ -104,12 +104,13 @@ class ResNetFPN(nn.Module):
         self.trimmed = [f"layer{k}" for k in range(self.returned_layers[-1] + 1, 5)]
         for name in self.trimmed:
             setattr(self.backbone, name, nn.Identity())
-        self._register_load_state_dict_pre_hook(self._drop_trimmed_keys)
+        self._register_load_state_dict_pre_hook(self.drop_trimmed_keys)
         self.fpn = FeaturePyramidNetwork(spatial_dims, [int(widths[k - 1]) for k in self.returned_layers],
                                          int(fpn_channels), extra_blocks=LastLevelMaxPool(spatial_dims))
         self.out_channels = int(fpn_channels)
 
-    def _drop_trimmed_keys(self, state_dict, prefix, *args) -> None:
+    def drop_trimmed_keys(self, state_dict, prefix: str = "", *args) -> None:
+        """Remove the keys of the dropped stages from ``state_dict`` (in place; also run on every load)."""
         for key in [k for k in state_dict if any(k.startswith(f"{prefix}backbone.{n}.") for n in self.trimmed)]:
             del state_dict[key]
 
