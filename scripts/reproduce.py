@@ -19,9 +19,12 @@ disk) is skipped, and an interrupted training stage continues from its latest ch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -152,11 +155,21 @@ class Stages:
 
     Outputs are recorded relative to the folder of ``stages.json``, so that a finished study can be moved (or
     restored from an archive) and resumed from its new place; absolute paths of older records still work.
+
+    Several processes may work through the same stages at once (e.g. one per CPU core): a stage is claimed with an
+    exclusive lock on ``.locks/<stage>.lock`` beside ``stages.json`` while it runs, so a second process waits for it
+    instead of running it again, and records are merged into the file on disk rather than overwriting it. The
+    operating system drops the lock of a killed process, so an interrupted stage is simply run again.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.done: dict[str, dict[str, Any]] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.path.is_file():
+            self.done.update(json.loads(self.path.read_text()))
 
     def _resolve(self, output: str) -> Path:
         path = Path(output)
@@ -167,12 +180,44 @@ class Stages:
             return self.path.parent.joinpath(*path.parts[path.parts.index(self.path.parent.name) + 1:])
         return path
 
-    def run(self, name: str, output: str, fn) -> str:
-        """Run ``fn()`` (returning its output path) unless ``name`` finished before and ``output`` exists."""
+    def _finished(self, name: str) -> str | None:
+        self._reload()
         record = self.done.get(name)
         if record and self._resolve(record["output"]).exists():
             print(f"[reproduce] {name}: done before ({record['seconds']:.0f} s), skipped", flush=True)
             return str(self._resolve(record["output"]))
+        return None
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, wait: bool = True):
+        """An exclusive lock named ``name``; yields False without waiting when ``wait`` is off and it is held."""
+        locks = self.path.parent / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / (re.sub(r"[^\w.-]+", "_", name) + ".lock"), "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def run(self, name: str, output: str, fn) -> str:
+        """Run ``fn()`` (returning its output path) unless ``name`` finished before and ``output`` exists."""
+        while (done := self._finished(name)) is None:
+            with self._lock(name, wait=False) as claimed:
+                if claimed:
+                    if (done := self._finished(name)) is not None:  # finished between the check and the claim
+                        return done
+                    return self._run_claimed(name, output, fn)
+            print(f"[reproduce] {name}: another process is running it, waiting", flush=True)
+            with self._lock(name):  # blocks until that process finishes (or dies)
+                pass
+        return done
+
+    def _run_claimed(self, name: str, output: str, fn) -> str:
         print(f"[reproduce] {name}: running (output {output})", flush=True)
         start = time.perf_counter()
         result = Path(fn()).resolve()
@@ -180,8 +225,10 @@ class Stages:
             recorded = str(result.relative_to(self.path.parent.resolve()))
         except ValueError:  # outside the study's folder
             recorded = str(result)
-        self.done[name] = {"output": recorded, "seconds": time.perf_counter() - start}
-        atomic_write_text(self.path, json.dumps(self.done, indent=2))
+        with self._lock("stages.json"):  # merge with what other processes recorded meanwhile
+            self._reload()
+            self.done[name] = {"output": recorded, "seconds": time.perf_counter() - start}
+            atomic_write_text(self.path, json.dumps(self.done, indent=2))
         return str(result)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -92,3 +93,40 @@ def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
     ran = []
     out = Stages(new / "stages.json").run("train STD", str(new / "runs" / "model.pt"), lambda: ran.append(1))
     assert not ran and Path(out) == new / "runs" / "model.pt"  # found below the moved folder: not run again
+
+
+def test_a_stage_another_process_is_running_is_waited_for_and_not_run_twice(tmp_path):
+    """Two processes share a study folder: the second waits for the first's stage, then skips it."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'scripts')!r})
+from reproduce import Stages
+folder = Path(sys.argv[1])
+def slow():
+    (folder / "started").write_text("")
+    while not (folder / "release").exists():  # held until the second process is waiting for this stage
+        time.sleep(0.05)
+    (folder / "model.pt").write_text(sys.argv[2])
+    return str(folder / "model.pt")
+print(Stages(folder / "stages.json").run("train STD", str(folder / "model.pt"), slow))
+Stages(folder / "stages.json").run("calibrate " + sys.argv[2], str(folder / sys.argv[2]),
+                                   lambda: (folder / sys.argv[2]).write_text("") or str(folder / sys.argv[2]))
+""")
+    first = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "first"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and first.poll() is None, "the first worker did not start its stage"
+        time.sleep(0.05)
+    second = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "second"], stdout=subprocess.PIPE,
+                              text=True)
+    first_line = second.stdout.readline()
+    (tmp_path / "release").write_text("")
+    rest = second.stdout.read()
+    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    assert "another process is running it, waiting" in first_line
+    assert "train STD: done before" in rest  # found finished once the first process let go
+    assert (tmp_path / "model.pt").read_text() == "first"  # the stage ran once, in the first process
+    records = json.loads((tmp_path / "stages.json").read_text())
+    assert set(records) == {"train STD", "calibrate first", "calibrate second"}  # both processes' records kept
