@@ -182,7 +182,8 @@ def load_xi(source: str | os.PathLike | list | tuple | float | dict) -> torch.Te
 
 
 def load_thresholds(source: str | os.PathLike | list | tuple | float | dict, condition: str = "terms") -> dict:
-    """The thresholds of one expand condition: ``{"xi": tensor [K] or float, "names": [...] or None}``.
+    """The thresholds of one expand condition: ``{"xi": tensor [K] or float, "names": [...] or None, "means": the
+    calibrated model's mean clean training values, one per threshold, or None}``.
 
     ``source`` is an ``xi.json`` path or its content; plain numbers are taken as the thresholds themselves.
 
@@ -196,9 +197,12 @@ def load_thresholds(source: str | os.PathLike | list | tuple | float | dict, con
         source = read_json(source)
     if not isinstance(source, dict):
         xi = load_xi(source)
-        return {"xi": xi if condition == "terms" else float(xi.reshape(-1)[0]), "names": None}
+        return {"xi": xi if condition == "terms" else float(xi.reshape(-1)[0]), "names": None, "means": None}
     if condition == "terms":
-        return {"xi": load_xi(source), "names": [t.get("name") for t in source.get("terms") or []] or None}
+        terms = source.get("terms") or []
+        means = [t.get("mean") for t in terms]
+        return {"xi": load_xi(source), "names": [t.get("name") for t in terms] or None,
+                "means": means if means and all(isinstance(m, (int, float)) for m in means) else None}
     section = source.get(condition)
     value = section.get("xi") if isinstance(section, dict) else None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -206,4 +210,6 @@ def load_thresholds(source: str | os.PathLike | list | tuple | float | dict, con
             f"{name} has no {condition!r} threshold (its section is {section!r}); calibrate again with this "
             f"version (`amat-monai calibrate`){' and the bundle condition_metric' if condition == 'metric' else ''}"
         )
-    return {"xi": float(value), "names": [section.get("name", condition)]}
+    mean = section.get("mean")
+    return {"xi": float(value), "names": [section.get("name", condition)],
+            "means": [float(mean)] if isinstance(mean, (int, float)) else None}

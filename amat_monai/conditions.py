@@ -51,6 +51,9 @@ class ExpandCondition:
         self.names = list(names)
         if len(self.names) != self.thresholds.numel():
             raise ValueError(f"{len(self.names)} names for {self.thresholds.numel()} thresholds")
+        #: the calibrated model's mean clean badness per column (from ``xi.json``; None for plain numbers): what
+        #: :class:`~amat_monai.handlers.AdaptiveMarginHandler` with ``xi_follows_model`` measures ξ's distance from
+        self.reference: torch.Tensor | None = None
 
     def badness(self, pred: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -163,10 +166,17 @@ def make_condition(
     thresholds = load_thresholds(xi, condition)
     if condition == "terms":
         _check_terms(xi, thresholds, loss_fn)
-        return LossTermsCondition(thresholds["xi"], thresholds.get("names") or getattr(loss_fn, "term_names", None),
-                                  terms)
-    if terms is not None:
+        made: ExpandCondition = LossTermsCondition(
+            thresholds["xi"], thresholds.get("names") or getattr(loss_fn, "term_names", None), terms)
+    elif terms is not None:
         raise ValueError(f"condition_terms applies to condition='terms' only, not {condition!r}")
-    if condition == "total":
-        return TotalLossCondition(thresholds["xi"])
-    return MetricCondition(score_fn, thresholds["xi"])
+    elif condition == "total":
+        made = TotalLossCondition(thresholds["xi"])
+    else:
+        made = MetricCondition(score_fn, thresholds["xi"])
+    if thresholds.get("means") is not None:
+        means = torch.as_tensor(thresholds["means"], dtype=torch.float64).reshape(-1)
+        if isinstance(made, LossTermsCondition):
+            means = means[made.terms]
+        made.reference = means * (made.sign if isinstance(made, MetricCondition) else 1.0)
+    return made

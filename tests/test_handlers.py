@@ -240,3 +240,27 @@ def test_teat_adds_the_regulariser_and_keeps_ensembles():
         expected = expected + weight * ((p_adv - p_clean) ** 2).mean()
     torch.testing.assert_close(out["loss"].detach(), expected)
     torch.testing.assert_close(handler.ensemble["case0:0"], p_clean[0])
+
+
+def test_xi_follows_the_models_mean_clean_loss():
+    """``xi_follows_model``: after an epoch, ξ = ξ_cal + (mean clean loss of the epoch − the calibrated mean)."""
+    xi = {"xi": [0.3, 0.1], "terms": [{"name": "dice", "mean": 0.25}, {"name": "ce", "mean": 0.05}],
+          "total": {"name": "total", "xi": 0.5, "mean": 0.4}}
+    handler = AdaptiveMarginHandler(TERMS, xi=xi, delta=0.5, steps=2, condition="total", xi_follows_model=True)
+    trainer, net = _trainer(handler, lr=0.0)  # lr 0: the clean losses are those of the initial weights
+    trainer.run()
+    items = _items()
+    net.train()
+    with torch.no_grad():
+        x, y = torch.stack([i["image"] for i in items]), torch.stack([i["label"] for i in items])
+        mean_clean = float(TERMS(net(x), y).sum(dim=1).double().mean())
+    assert handler.condition.thresholds.tolist() == pytest.approx([0.5 + mean_clean - 0.4])
+    assert handler.report()["epochs"][0]["xi_next"] == pytest.approx([0.5 + mean_clean - 0.4])
+    assert handler.report()["settings"]["thresholds"] == [0.5]  # the calibrated ξ stays on record
+
+    resumed = AdaptiveMarginHandler(TERMS, xi=xi, delta=0.5, condition="total", xi_follows_model=True)
+    resumed.load_state_dict(handler.state_dict())
+    assert resumed.condition.thresholds.tolist() == handler.condition.thresholds.tolist()
+
+    with pytest.raises(ValueError, match="xi_follows_model needs xi as an xi.json"):
+        AdaptiveMarginHandler(TERMS, xi=[0.3, 0.1], delta=0.5, xi_follows_model=True)

@@ -31,7 +31,7 @@ from monai.utils import CommonKeys
 from amat_monai.attacks import LossFn, frozen_norm_statistics, per_sample_norm, per_sample_terms
 from amat_monai.checkpoints import atomic_write_text
 from amat_monai.conditions import make_condition
-from amat_monai.distributed import get_rank, sync_margins, unwrap_network
+from amat_monai.distributed import all_gather_objects, get_rank, sync_margins, unwrap_network
 from amat_monai.handlers.adversarial_training import AdversarialTrainingHandler
 from amat_monai.margins import (
     BOUNDARY_SEARCHES,
@@ -78,8 +78,16 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         floor: lowest margin a shrink can reach (default ``delta``).
         init: margin of a sample seen for the first time (default ``delta``).
         freeze_clean_failures: a sample failing the condition on its clean input keeps its margin.
+        xi_follows_model: move ξ with the model: after each iteration, ``ξ = ξ_cal + (m − m_cal)`` per
+            threshold, where ``m`` is the mean over the samples visited so far of each one's latest clean badness
+            (loss, or negated score; the trainer's clean half gives it at no cost) and ``m_cal`` that of the
+            calibrated STD model (``xi.json``). Adversarial training raises the clean loss, so a ξ fixed on the
+            STD model freezes most samples as clean failures (ceph, ξ = mean + 2σ of the STD losses: 146 of 150
+            images in the first epoch); this keeps ξ at the calibrated distance from the current model's typical
+            sample instead. Needs an ``xi.json`` with the calibration's means.
         history_path: when given, a JSON file (written atomically at every epoch end, on rank 0) with each
-            epoch's margin quantiles and grown / shrunk / frozen counts, and every sample's margin per epoch,
+            epoch's margin quantiles, grown / shrunk / frozen counts and ξ at its end (``xi_next``), and
+            every sample's margin per epoch,
             time-averaged training radius and last outcome (see ``scripts/margin_diagnostics.py``).
         log_every: log a margin summary every this many epochs (0: never).
         kwargs: attack settings, see :class:`~amat_monai.handlers.AdversarialTrainingHandler`.
@@ -105,6 +113,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         floor: float | None = None,
         init: float | None = None,
         freeze_clean_failures: bool = True,
+        xi_follows_model: bool = False,
         history_path: str | os.PathLike | None = None,
         log_every: int = 1,
         **kwargs,
@@ -136,6 +145,11 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self.bisect_steps = int(bisect_steps)
         self.eps_max = eps_max
         self.freeze_clean_failures = bool(freeze_clean_failures)
+        self.xi_follows_model = bool(xi_follows_model)
+        if self.xi_follows_model and self.condition.reference is None:
+            raise ValueError("xi_follows_model needs xi as an xi.json (path or content) holding the calibrated "
+                             "model's mean clean losses / scores; write one with `amat-monai calibrate`")
+        self.calibrated_xi = self.condition.thresholds.clone()
         self.history_path = history_path
         self.log_every = int(log_every)
         self.table = MarginTable(init=init)
@@ -143,6 +157,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self.history: list[dict] = []  # one entry per finished epoch
         self._margins_per_epoch: list[list[float]] = []
         self._epoch_counts = torch.zeros(len(OUTCOMES), dtype=torch.long)
+        self._latest_clean: dict[str, list[float]] = {}  # sample id -> its latest clean badness (xi_follows_model)
         self.logger = logging.getLogger(__name__)
 
     def margins_of(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +205,19 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
             outcome = torch.where(frozen, 2, outcome)
         self._epoch_counts += torch.bincount(outcome, minlength=len(OUTCOMES))
         self.outcomes.update(zip(cur.ids, outcome.tolist()))
+        if self.xi_follows_model:
+            self._follow_model(cur.ids, clean_badness)
         self.current = None
+
+    def _follow_model(self, ids: list[str], clean_badness: torch.Tensor) -> None:
+        """``ξ = ξ_cal + (mean latest clean badness − the calibrated model's mean)`` (``xi_follows_model``)."""
+        values = clean_badness.double().reshape(len(ids), -1).cpu().tolist()
+        for rank_ids, rank_values in all_gather_objects((list(ids), values)):  # every rank's visits
+            self._latest_clean.update(zip(rank_ids, rank_values))
+        latest = torch.tensor(list(self._latest_clean.values()), dtype=torch.float64)
+        mean = latest.nanmean(dim=0)  # a metric can be undefined on a sample (NaN)
+        followed = self.calibrated_xi + mean - self.condition.reference
+        self.condition.thresholds = torch.where(torch.isfinite(mean), followed, self.condition.thresholds)
 
     def _losses(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_terms(self.loss_fn(pred, y), pred.shape[0])
@@ -233,7 +260,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         """Append this epoch's margin summary to :attr:`history`, log it, and write ``history_path``."""
         now = self.epoch_summary()
         summary, counts = now["margins"], now["outcomes"]
-        self.history.append({"epoch": int(engine.state.epoch), "margins": summary, "outcomes": counts})
+        self.history.append({"epoch": int(engine.state.epoch), "margins": summary, "outcomes": counts,
+                             "xi_next": self.condition.thresholds.tolist()})
         self._margins_per_epoch.append([round(v, 4) for v in self.table.values().tolist()])
         if self.log_every > 0 and engine.state.epoch % self.log_every == 0:
             self.logger.info(
@@ -241,6 +269,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
                 f"median {summary['median']:.4f}, min {summary['min']:.4f}, max {summary['max']:.4f}; "
                 + ", ".join(f"{'failed, kept' if k == 'shrunk' and self.shrink == 'none' else k} {v}"
                             for k, v in counts.items())
+                + (f"; ξ now {[round(v, 4) for v in self.condition.thresholds.tolist()]}"
+                   if self.xi_follows_model else "")
             )
         if self.history_path is not None and get_rank() == 0:
             atomic_write_text(self.history_path, json.dumps(self.report()) + "\n")
@@ -249,11 +279,12 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         """The margin history: settings, per-epoch summaries and per-sample values (see ``history_path``)."""
         ids = self.table.ids()
         return {
-            "settings": {"condition": self.condition_name, "thresholds": self.condition.thresholds.tolist(),
+            "settings": {"condition": self.condition_name, "thresholds": self.calibrated_xi.tolist(),
                          "threshold_names": self.condition.names, "delta": self.delta, "growth": self.growth,
                          "growth_factor": self.growth_factor, "shrink": self.shrink, "boundary": self.boundary,
                          "floor": self.floor, "init": self.table.init, "eps_max": self.eps_max,
-                         "freeze_clean_failures": self.freeze_clean_failures},
+                         "freeze_clean_failures": self.freeze_clean_failures,
+                         "xi_follows_model": self.xi_follows_model, "calibrated_xi": self.calibrated_xi.tolist()},
             "epochs": self.history,
             "samples": {
                 "ids": ids,
@@ -266,10 +297,14 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
     # -- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"margins": self.table.state_dict(), "outcomes": dict(self.outcomes), "history": list(self.history),
-                "margins_per_epoch": list(self._margins_per_epoch)}
+                "margins_per_epoch": list(self._margins_per_epoch), "thresholds": self.condition.thresholds.tolist(),
+                "latest_clean": dict(self._latest_clean)}
 
     def load_state_dict(self, state: dict) -> None:
         self.table.load_state_dict(state["margins"])
         self.outcomes = dict(state.get("outcomes", {}))
         self.history = list(state.get("history", []))
         self._margins_per_epoch = list(state.get("margins_per_epoch", []))
+        if "thresholds" in state:  # ξ as the run left it (it moves with xi_follows_model)
+            self.condition.thresholds = torch.as_tensor(state["thresholds"], dtype=torch.float64)
+        self._latest_clean = dict(state.get("latest_clean", {}))
