@@ -15,6 +15,7 @@ ignite's ``Checkpoint`` and MONAI's ``CheckpointLoader``:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "fit_problem",
     "load_weights",
+    "frozen_teacher",
 ]
 
 logger = logging.getLogger(__name__)
@@ -401,6 +403,14 @@ def fit_problem(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str | 
     if unexpected:
         parts.append(f"{len(unexpected)} not in the network, e.g. {unexpected[0]}")
     return "; ".join(parts)
+
+
+def frozen_teacher(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """A frozen copy of ``network`` (a DDP wrapper is unwrapped) with the weights of ``path``, in eval mode and on
+    the network's device: e.g. the STD model that makes the pseudo-labels of semi-supervised training."""
+    teacher = copy.deepcopy(unwrap_network(network))
+    load_weights(teacher, path)
+    return teacher.eval().requires_grad_(False)
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:

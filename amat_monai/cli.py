@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AMAT's expand condition: every loss term, the total loss or the task metric (bundle default)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--init-checkpoint", default=None, help="start from these weights (e.g. fine-tune the STD model)")
+    p.add_argument("--labelled-fraction", type=float, default=None,
+                   help="train on this share of the training cases' labels (a seeded split by case; default all)")
+    p.add_argument("--ssat", action="store_true",
+                   help="add semi-supervised adversarial training on the unlabelled rest (ssat.json; needs "
+                        "--labelled-fraction below 1)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed training (torchrun)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its newest complete checkpoint")

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from amat_monai.attack_detection.detector import detector_paths
 from amat_monai.checkpoints import atomic_write_text
 from amat_monai.data.decathlon import read_case_list
+from amat_monai.data.labelled import check_labelled_fraction
 from amat_monai.reporting import load_report, metric_tables, plot_runs, report_values
 from amat_monai.workflows import (
     build_workflow,
@@ -59,11 +60,14 @@ def train_command(args: argparse.Namespace) -> int:
         if not Path(args.init_checkpoint).is_file():
             raise FileNotFoundError(f"--init-checkpoint not found: {args.init_checkpoint}")
         ovr["init_checkpoint"] = str(Path(args.init_checkpoint).resolve())
+    if getattr(args, "labelled_fraction", None) is not None:
+        ovr["labelled_fraction"] = check_labelled_fraction(args.labelled_fraction)
+    ssat = bool(getattr(args, "ssat", False))
     paths = train(
         args.bundle, args.method, args.dataset_dir, args.output_dir, nproc=getattr(args, "nproc", 1),
-        max_cases=args.max_cases, device=args.device, **ovr,
+        max_cases=args.max_cases, device=args.device, ssat=ssat, **ovr,
     )
-    print(f"trained {args.method}: final weights {paths['model']}")
+    print(f"trained {args.method}{' + SSAT' if ssat else ''}: final weights {paths['model']}")
     return 0
 
 

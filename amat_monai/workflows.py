@@ -31,6 +31,7 @@ from monai.bundle.utils import ID_SEP_KEY
 
 from amat_monai import distributed
 from amat_monai.checkpoints import atomic_write_text, file_sha256
+from amat_monai.data.labelled import check_labelled_fraction
 
 __all__ = [
     "METHOD_CONFIGS",
@@ -233,6 +234,7 @@ def train(
     dataset_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
     nproc: int = 1,
+    ssat: bool = False,
     **overrides: Any,
 ) -> dict[str, str]:
     """Train ``method`` (std, vat, amat, teat) with the bundle's configs.
@@ -243,6 +245,8 @@ def train(
         dataset_dir, output_dir: override the config's.
         nproc: processes; more than one goes through :func:`amat_monai.distributed.launch` (with the bundle's
             ``multi_gpu_train.json``).
+        ssat: add semi-supervised adversarial training on the unlabelled training cases (``ssat.json``; give
+            ``labelled_fraction`` below 1, e.g. ``labelled_fraction=0.2``).
         overrides: any other config ids, e.g. ``epochs=2``, ``eps=2.0``, ``xi_file=...``, ``max_cases=4``,
             ``device="cpu"`` (a device name is turned into a ``torch.device``).
 
@@ -259,7 +263,9 @@ def train(
             f"ξ file not found: {ovr['xi_file']} (AMAT needs thresholds from a normally trained model: "
             "run `amat-monai calibrate` on the STD checkpoint first)"
         )
-    names = ["train.json", *METHOD_CONFIGS[method]]
+    names = ["train.json", *METHOD_CONFIGS[method], *(["ssat.json"] if ssat else [])]
+    if ssat and check_labelled_fraction(ovr.get("labelled_fraction")) == 1.0:
+        raise ValueError("ssat needs unlabelled cases: give labelled_fraction below 1 (e.g. --labelled-fraction 0.2)")
     if nproc > 1:
         names.append("multi_gpu_train.json")
         files = config_files(bundle, names)

@@ -213,6 +213,20 @@ def test_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
     assert Path(paths["model"]).is_file()
 
 
+def test_ssat_trains_on_two_processes_with_a_shard_of_the_unlabelled_pool_each(tmp_path):
+    from amat_monai.data.synthetic import make_synthetic_decathlon
+    from amat_monai.workflows import train
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_seg"
+    data = make_synthetic_decathlon(tmp_path / "Task", num_cases=8, seed=3)
+    tiny = {"epochs": 1, "batch_size": 8, "attack_steps": 1, "progress": False, "network_filters": [4, 8, 8, 16],
+            "labelled_fraction": 0.5, "eps": 1.0}
+    paths = train(bundle, "vat", data, tmp_path / "out", nproc=2, device="cpu", ssat=True, **tiny)
+    state = torch.load(next(Path(paths["ckpt_dir"]).glob("checkpoint_epoch=*.pt")), weights_only=False)
+    # one unlabelled batch per labelled iteration of rank 0 (each rank walks its half of both pools)
+    assert state["ssat"]["draws"] == state["trainer"]["iteration"] > 0 and Path(paths["model"]).is_file()
+
+
 @pytest.mark.slow
 def test_detection_bundle_multi_gpu_config_trains_amat_on_two_processes(tmp_path):
     from amat_monai.checkpoints import atomic_write_text

@@ -270,3 +270,19 @@ def test_help_is_plain_text_and_names_the_outputs(command, capsys):
     for markup in ("``", ":class:", ":func:", ":mod:", ":meth:"):
         assert markup not in text, (command, markup)
     assert ("SUBCOMMAND --help` says what it writes" if not command else ". Writes ") in text
+
+
+# ---- semi-supervised training -----------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, expected", [
+    (["--ssat"], "ssat needs unlabelled cases: give labelled_fraction below 1"),
+    (["--labelled-fraction", "1.5"], "labelled_fraction must lie in (0, 1], got 1.5"),
+    (["--ssat", "--labelled-fraction", "0.5", "--override", "ssat_wieght=1.0"], "did you mean 'ssat_weight'?"),
+])
+def test_semi_supervised_settings_are_named(task, tmp_path, capsys, extra, expected):
+    assert expected in _fails(capsys, _train(task, tmp_path / "run", *extra, method="vat"))
+
+
+def test_ssat_trains_from_the_command_line(task, tmp_path, capsys):
+    argv = _train(task, tmp_path / "run", "--ssat", "--labelled-fraction", "0.5", "--eps", "1.0", method="vat")
+    assert cli.main(argv) == 0 and "trained vat + SSAT" in capsys.readouterr().out
+    assert "ssat" in torch.load(tmp_path / "run" / "models" / "checkpoint_epoch=1.pt", weights_only=False)

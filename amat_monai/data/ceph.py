@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from amat_monai.checkpoints import read_json
+from amat_monai.data.labelled import check_labelled_fraction, select_pool
 from amat_monai.data.root import data_root
 
 __all__ = [
@@ -131,22 +132,35 @@ def ceph_datalist(
     max_cases: int | None = None,
     split_file: str | os.PathLike | None = None,
     annotators: Sequence[str] = ANNOTATORS,
+    pool: str = "labelled",
+    labelled_fraction: float | None = None,
+    labelled_seed: int = 0,
 ) -> list[dict]:
     """Items for a MONAI dataset, one per image of the split, in the split's order.
 
     Each item: ``image`` (PNG path), ``landmarks`` (``[K, 2]`` float32, the mean of the annotators present, in
     original pixel units), ``sample_id`` (the image id), ``original_size`` (``[H, W]`` of the original grid) and
     ``spacing`` (mm per original pixel).
+
+    With ``labelled_fraction`` below 1 the split's images are divided, seeded by ``labelled_seed``
+    (:func:`amat_monai.data.labelled.split_labelled`), into a labelled pool and an unlabelled one; ``pool`` says
+    which to return. Unlabelled items have no ``landmarks``: the landmark files are not read for them.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"cephalometric data folder not found: {root} (set AMAT_DATA_DIR or dataset_dir)")
-    tables = [read_landmarks_csv(root / f"landmarks_{a}.csv") for a in annotators if (root / f"landmarks_{a}.csv").is_file()]
-    if not tables:
-        names = ", ".join(f"landmarks_{a}.csv" for a in annotators)
-        raise FileNotFoundError(f"no landmark file ({names}) in {root}")
+    labelled = pool == "labelled"
+    tables = []
+    if labelled:
+        tables = [read_landmarks_csv(root / f"landmarks_{a}.csv") for a in annotators
+                  if (root / f"landmarks_{a}.csv").is_file()]
+        if not tables:
+            names = ", ".join(f"landmarks_{a}.csv" for a in annotators)
+            raise FileNotFoundError(f"no landmark file ({names}) in {root}")
     original_size, spacing = _meta(root)
     ids = read_split(root, split, split_file)
+    if pool == "unlabelled" or check_labelled_fraction(labelled_fraction) < 1.0:
+        ids = select_pool(ids, pool, labelled_fraction, labelled_seed)
     if max_cases is not None:
         ids = ids[: int(max_cases)]
     items = []
@@ -154,18 +168,18 @@ def ceph_datalist(
         image = root / "images" / f"{sample_id}.png"
         if not image.is_file():
             raise FileNotFoundError(f"image {sample_id!r} of split {split!r} not found: {image}")
-        coords = [t[sample_id] for t in tables if sample_id in t]
-        if not coords:
-            raise ValueError(f"image {sample_id!r} has no landmarks in {root}/landmarks_*.csv")
-        items.append(
-            {
-                "image": str(image),
-                "landmarks": np.mean(coords, axis=0).astype(np.float32),
-                "sample_id": str(sample_id),
-                "original_size": np.asarray(original_size, dtype=np.int64),
-                "spacing": np.float32(spacing),
-            }
-        )
+        item = {
+            "image": str(image),
+            "sample_id": str(sample_id),
+            "original_size": np.asarray(original_size, dtype=np.int64),
+            "spacing": np.float32(spacing),
+        }
+        if labelled:
+            coords = [t[sample_id] for t in tables if sample_id in t]
+            if not coords:
+                raise ValueError(f"image {sample_id!r} has no landmarks in {root}/landmarks_*.csv")
+            item["landmarks"] = np.mean(coords, axis=0).astype(np.float32)
+        items.append(item)
     if not items:
         raise ValueError(f"split {split!r} of {root} is empty")
     return items

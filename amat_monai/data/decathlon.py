@@ -35,6 +35,7 @@ from monai.transforms import LoadImage, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
 from amat_monai.checkpoints import atomic_write_text, read_json
+from amat_monai.data.labelled import check_labelled_fraction, select_pool
 
 __all__ = [
     "SECTIONS",
@@ -98,12 +99,15 @@ def case_name(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def load_datalist(dataset_dir: str | os.PathLike, max_cases: int | None = None) -> list[dict]:
+def load_datalist(dataset_dir: str | os.PathLike, max_cases: int | None = None,
+                  check_labels: bool = True) -> list[dict]:
     """The labelled cases of a Decathlon task, in ``dataset.json`` order: ``[{"image", "label", "case"}]``.
 
     Args:
         dataset_dir: the task folder.
         max_cases: keep only the first ``max_cases`` cases (quick runs); ``None`` keeps all.
+        check_labels: check that every label file exists (off: the caller checks those of the cases it loads,
+            so that a semi-supervised run does not depend on the label files of its unlabelled cases).
 
     Raises:
         FileNotFoundError: naming ``dataset.json`` or the first image / label file that is missing.
@@ -118,7 +122,7 @@ def load_datalist(dataset_dir: str | os.PathLike, max_cases: int | None = None) 
         items = items[: int(max_cases)]
     out = []
     for item in items:
-        for key in ("image", "label"):
+        for key in ("image", "label") if check_labels else ("image",):
             if not Path(item[key]).is_file():
                 raise FileNotFoundError(f"{item[key]} (listed in {json_path}) does not exist")
         out.append({"image": item["image"], "label": item["label"], "case": case_name(item["image"])})
@@ -197,12 +201,14 @@ def _read(loader: LoadImage, path: str) -> np.ndarray:
         raise ValueError(f"cannot read {path}: it is corrupt, truncated or not an image ({cause})") from None
 
 
-def load_case(image_path: str, label_path: str, num_classes: int, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_case(image_path: str, label_path: str | None, num_classes: int,
+              in_channels: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Load, check and z-score one case.
 
     Returns:
-        image ``float32 [C, X, Y, Z]`` (z-scored per channel) and label ``int64 [1, X, Y, Z]``, in MONAI's
-        (nibabel's) axis order.
+        image ``float32 [C, X, Y, Z]`` (z-scored per channel) and label ``int64 [1, X, Y, Z]`` (``None`` when
+        ``label_path`` is: an unlabelled case, whose label file is never opened), in MONAI's (nibabel's) axis
+        order.
 
     Raises:
         ValueError: naming the file, when it cannot be read, is not 3D, has the wrong number of channels,
@@ -210,19 +216,33 @@ def load_case(image_path: str, label_path: str, num_classes: int, in_channels: i
     """
     loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
     image = _read(loader, image_path).astype(np.float32)
-    label = _read(loader, label_path)
     if image.ndim != 4:
         raise ValueError(f"{image_path}: expected a 3D volume (optionally with channels), got shape {image.shape}")
     if image.shape[0] != in_channels:
         raise ValueError(f"{image_path} has {image.shape[0]} channels but dataset.json declares {in_channels}")
-    if label.ndim != 4 or label.shape[0] != 1:
-        raise ValueError(f"{label_path}: expected a single-channel 3D label volume, got shape {label.shape}")
-    if image.shape[1:] != label.shape[1:]:
-        raise ValueError(
-            f"shape mismatch: image {image_path} is {image.shape[1:]} but label {label_path} is {label.shape[1:]}"
-        )
     if not np.isfinite(image).all():
         raise ValueError(f"{image_path} contains non-finite intensities (NaN or inf)")
+    label = None if label_path is None else _checked_label(loader, label_path, image_path, image.shape, num_classes)
+    flat = image.reshape(image.shape[0], -1).astype(np.float64)
+    mean, std = flat.mean(axis=1), flat.std(axis=1)
+    if (std == 0).any():
+        # a blank channel (e.g. an export that lost its intensities) trains silently on nothing
+        logger.warning(f"{image_path}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant "
+                       f"(every voxel {mean[std == 0].tolist()}); the case carries no image information")
+    image = ((image - mean[:, None, None, None]) / np.maximum(std, 1e-8)[:, None, None, None]).astype(np.float32)
+    return image, label
+
+
+def _checked_label(loader: LoadImage, label_path: str, image_path: str, image_shape: tuple[int, ...],
+                   num_classes: int) -> np.ndarray:
+    """The label volume ``int64 [1, X, Y, Z]``, checked against its image (see :func:`load_case`)."""
+    label = _read(loader, label_path)
+    if label.ndim != 4 or label.shape[0] != 1:
+        raise ValueError(f"{label_path}: expected a single-channel 3D label volume, got shape {label.shape}")
+    if tuple(image_shape[1:]) != tuple(label.shape[1:]):
+        raise ValueError(
+            f"shape mismatch: image {image_path} is {tuple(image_shape[1:])} but label {label_path} is {label.shape[1:]}"
+        )
     if not np.isfinite(label).all():
         raise ValueError(f"{label_path} contains non-finite values")
     values = np.unique(label)
@@ -231,14 +251,7 @@ def load_case(image_path: str, label_path: str, num_classes: int, in_channels: i
         raise ValueError(
             f"{label_path} has label values {bad[:5]} outside the declared classes 0..{num_classes - 1}"
         )
-    flat = image.reshape(image.shape[0], -1).astype(np.float64)
-    mean, std = flat.mean(axis=1), flat.std(axis=1)
-    if (std == 0).any():
-        # a blank channel (e.g. an export that lost its intensities) trains silently on nothing
-        logger.warning(f"{image_path}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant "
-                       f"(every voxel {mean[std == 0].tolist()}); the case carries no image information")
-    image = ((image - mean[:, None, None, None]) / np.maximum(std, 1e-8)[:, None, None, None]).astype(np.float32)
-    return image, label.astype(np.int64)
+    return label.astype(np.int64)
 
 
 def to_nnunet_axes(volume: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -248,7 +261,7 @@ def to_nnunet_axes(volume: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tens
 
 def volume_to_slices(
     image: np.ndarray,
-    label: np.ndarray,
+    label: np.ndarray | None,
     case: str,
     patch_size: Sequence[int],
     slices: str = "all",
@@ -257,7 +270,8 @@ def volume_to_slices(
     """Cut a checked, normalised case into fixed-size 2D items (see the module docstring).
 
     Args:
-        image: ``[C, X, Y, Z]``; label: ``[1, X, Y, Z]``.
+        image: ``[C, X, Y, Z]``; label: ``[1, X, Y, Z]``, or ``None`` for an unlabelled case (its items have no
+            ``"label"``; only ``slices="all"`` can be chosen without one).
         case: the case name, the prefix of every ``sample_id``.
         patch_size: ``(H, W)``; each ``(y, x)`` slice is padded (with 0, the z-scored mean) or cropped, centred.
         slices: ``"all"``, ``"foreground"`` (any label > 0) or ``"all_classes"`` (every foreground class
@@ -267,28 +281,23 @@ def volume_to_slices(
         raise ValueError(f"slices must be one of {SLICE_SELECTIONS}, got {slices!r}")
     if slices == "all_classes" and num_classes is None:
         raise ValueError("slices='all_classes' needs num_classes")
+    if label is None and slices != "all":
+        raise ValueError(f"slices={slices!r} selects slices by their label; an unlabelled case can only give 'all'")
     resize = ResizeWithPadOrCrop(spatial_size=tuple(int(s) for s in patch_size), mode="constant")
     img = torch.from_numpy(np.ascontiguousarray(to_nnunet_axes(image)))
-    lab = torch.from_numpy(np.ascontiguousarray(to_nnunet_axes(label)))
+    lab = None if label is None else torch.from_numpy(np.ascontiguousarray(to_nnunet_axes(label)))
     items = []
     for k in range(img.shape[1]):
-        x = resize(img[:, k])
-        y = resize(lab[:, k])
-        x = convert_to_tensor(x, track_meta=False)
-        y = convert_to_tensor(y, track_meta=False)
-        if slices == "foreground" and not bool((y > 0).any()):
-            continue
-        if slices == "all_classes" and not all(bool((y == c).any()) for c in range(1, num_classes)):
-            continue
-        items.append(
-            {
-                "image": x.float().contiguous(),
-                "label": y.long().contiguous(),
-                "sample_id": f"{case}:{k}",
-                "case": case,
-                "slice": k,
-            }
-        )
+        x = convert_to_tensor(resize(img[:, k]), track_meta=False)
+        item = {"image": x.float().contiguous(), "sample_id": f"{case}:{k}", "case": case, "slice": k}
+        if lab is not None:
+            y = convert_to_tensor(resize(lab[:, k]), track_meta=False)
+            if slices == "foreground" and not bool((y > 0).any()):
+                continue
+            if slices == "all_classes" and not all(bool((y == c).any()) for c in range(1, num_classes)):
+                continue
+            item["label"] = y.long().contiguous()
+        items.append(item)
     return items
 
 
@@ -327,6 +336,11 @@ class DecathlonSliceDataset(Dataset):
         cases: case ids (names of ``dataset.json``'s images, e.g. ``hippocampus_001``) to use instead of a
             section, or the path of a text file listing them (:func:`read_case_list`).
         transform: optional MONAI transform applied to each item (e.g. augmentation).
+        pool: with ``section="training"``: ``"labelled"`` (the labelled cases) or ``"unlabelled"`` (the rest of
+            the training cases, images only: their label files are never opened, and every slice is kept).
+        labelled_fraction: share of the training cases that are labelled (``None``: all), split by case with
+            ``labelled_seed`` (:func:`amat_monai.data.labelled.split_labelled`); other sections ignore it.
+        labelled_seed: seed of that split.
 
     Raises:
         ValueError: when the section has no case or no slice (naming the split file), a listed case is not
@@ -345,9 +359,17 @@ class DecathlonSliceDataset(Dataset):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         cases: Sequence[str] | str | os.PathLike | None = None,
         transform=None,
+        pool: str = "labelled",
+        labelled_fraction: float | None = None,
+        labelled_seed: int = 0,
     ) -> None:
         if cases is None and section not in (*SECTIONS, "all"):
             raise ValueError(f"section must be one of {(*SECTIONS, 'all')}, got {section!r}")
+        if pool == "unlabelled" and (section != "training" or cases is not None):
+            raise ValueError(f"the unlabelled pool is part of the training section, not of {section!r} or a case list")
+        # labelled_fraction splits the training cases only: validation and test stay whole
+        semi = section == "training" and cases is None and (
+            pool == "unlabelled" or check_labelled_fraction(labelled_fraction) < 1.0)
         if len(patch_size) != 2:
             raise ValueError(f"patch_size must be (H, W), got {list(patch_size)}")
         if max_cases is not None and int(max_cases) < 1:
@@ -356,7 +378,7 @@ class DecathlonSliceDataset(Dataset):
         if isinstance(cases, (str, os.PathLike)):
             cases = read_case_list(cases)
         new_split = cases is None and section != "all" and not (split_file and Path(split_file).is_file())
-        datalist = load_datalist(dataset_dir, max_cases if new_split else None)
+        datalist = load_datalist(dataset_dir, max_cases if new_split else None, check_labels=False)
         names = [c["case"] for c in datalist]
         if cases is not None:
             unknown = [c for c in cases if c not in set(names)]
@@ -367,8 +389,12 @@ class DecathlonSliceDataset(Dataset):
         elif section == "all":
             wanted, where = set(names), str(Path(dataset_dir) / "dataset.json")
         else:
-            wanted = set(load_split(names, split_file, seed, fractions)[section])
+            wanted = load_split(names, split_file, seed, fractions)[section]
             where = f"split file {split_file}" if split_file else f"the split of {dataset_dir}"
+            if semi:
+                wanted = select_pool(wanted, pool, labelled_fraction, labelled_seed)
+                where += f" ({pool} pool, labelled_fraction={labelled_fraction})"
+            wanted = set(wanted)
         if not wanted:
             raise ValueError(f"the {section} section of {where} is empty")
         self.info = info
@@ -376,11 +402,19 @@ class DecathlonSliceDataset(Dataset):
         self.cases = [c for c in datalist if c["case"] in wanted]
         if max_cases is not None and not new_split:
             self.cases = self.cases[: int(max_cases)]
+        self.pool = pool
+        labelled = pool == "labelled"
+        if not labelled and slices != "all":
+            raise ValueError(f"slices={slices!r} chooses slices by their label; the unlabelled pool can only keep 'all'")
         items: list[dict] = []
         for c in self.cases:
-            image, label = load_case(c["image"], c["label"], info["num_classes"], info["in_channels"])
+            if labelled and not Path(c["label"]).is_file():
+                raise FileNotFoundError(f"{c['label']} (listed in {Path(dataset_dir) / 'dataset.json'}) does not exist")
+            image, label = load_case(c["image"], c["label"] if labelled else None, info["num_classes"],
+                                     info["in_channels"])
             items.extend(volume_to_slices(image, label, c["case"], patch_size, slices, info["num_classes"]))
         if not items:
             raise ValueError(f"the {section} section of {where} has no slice with slices={slices!r}")
-        logger.info(f"{section}: {len(self.cases)} cases, {len(items)} slices ({slices}) from {dataset_dir}")
+        logger.info(f"{section}{'' if labelled else ' (unlabelled)'}: {len(self.cases)} cases, {len(items)} slices "
+                    f"({slices}) from {dataset_dir}")
         super().__init__(data=items, transform=transform)

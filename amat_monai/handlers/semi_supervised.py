@@ -1,0 +1,232 @@
+"""Semi-supervised adversarial training (SSAT; Li, Pan & Zhu, arXiv 2006.13555; method doc §8) as an Ignite handler.
+
+Each training iteration also draws a batch of *unlabelled* images, labels them with the model's own clean
+prediction (a pseudo-label, :mod:`amat_monai.pseudo_labels`), attacks them against that pseudo-label, and adds
+``weight · mean_i L(f(x_u,i + δ_i), ŷ_i)`` to the trainer's loss before its backward pass. The supervised part is
+whatever else the trainer does: plain (STD), VAT or AMAT (attach this handler beside theirs).
+
+The authors' code (OCT classification) uses an L∞ FGSM of random strength and weight 3; here the attack is L2 in the
+bundle's units, FGSM by default or PGD-k, with a radius drawn uniformly per sample from ``eps`` (a range) or fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys, convert_to_tensor
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from amat_monai.attacks import LossFn, frozen_norm_statistics, per_sample_terms, pgd
+from amat_monai.distributed import get_rank, get_world_size, is_distributed, unwrap_network
+
+__all__ = ["SemiSupervisedAdversarialHandler", "SSAT_ATTACKS"]
+
+SSAT_ATTACKS = ("fgsm", "pgd")
+
+#: ``pseudo_label(pred) -> (target, confidence [B])``, see :mod:`amat_monai.pseudo_labels`
+PseudoLabeller = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SemiSupervisedAdversarialHandler:
+    """Adds an adversarial loss on unlabelled images, attacked against the model's own pseudo-labels.
+
+    Args:
+        loss_fn: the bundle's per-sample loss (``[B]`` or ``[B, K]``), taking the pseudo-label as its label.
+        dataset: the unlabelled images (items with ``image_key`` and ``id_key``; a label, if any, is ignored).
+        pseudo_label: ``pred -> (target, confidence)`` (:class:`~amat_monai.pseudo_labels.ArgmaxPseudoLabel`,
+            :class:`~amat_monai.pseudo_labels.LandmarkPseudoLabel`).
+        weight: weight of the unlabelled term (3 in the authors' code).
+        eps: the attack radius (input units): a number, or ``(low, high)`` for a radius drawn uniformly per sample
+            and iteration (the authors' random strength).
+        attack: ``"fgsm"`` (one step of length ε) or ``"pgd"`` (``steps`` steps of ``step_size_factor·ε/steps``,
+            capped at ε, from a random start).
+        steps: PGD steps.
+        step_size_factor: PGD step length factor.
+        norm: ``"l2"`` or ``"linf"``.
+        clamp: optional ``(low, high)`` input range.
+        batch_size: unlabelled images per iteration.
+        confidence_threshold: leave out the samples whose pseudo-label confidence is below this (``None``: keep all).
+        teacher: a frozen network that makes the pseudo-labels (e.g. the STD model; ``None``: the model in training,
+            its normalisation statistics untouched).
+        attack_train_mode: attack with the network in train mode (as the supervised handlers do), eval mode
+            (``False``), or as it is (``None``).
+        seed: seed of the unlabelled draw order and of the radii.
+        num_workers: workers of the unlabelled loader.
+        image_key, id_key: batch keys of the image and the sample id.
+
+    The unlabelled order is a seeded permutation per pass over the pool; under DDP each rank draws its own shard
+    (:class:`~torch.utils.data.DistributedSampler`), like the labelled loader. The position in that order is in
+    :meth:`state_dict`, so pass the handler in ``CheckpointSaver``'s ``save_dict``: a resumed run draws the same
+    batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        dataset: Dataset,
+        pseudo_label: PseudoLabeller,
+        weight: float = 3.0,
+        eps: float | Sequence[float] = (0.0, 1.0),
+        attack: str = "fgsm",
+        steps: int = 1,
+        step_size_factor: float = 2.5,
+        norm: str = "l2",
+        clamp: Sequence[float] | None = None,
+        batch_size: int = 32,
+        confidence_threshold: float | None = None,
+        teacher: nn.Module | None = None,
+        attack_train_mode: bool | None = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        image_key: str = CommonKeys.IMAGE,
+        id_key: str = "sample_id",
+    ) -> None:
+        if weight < 0:
+            raise ValueError(f"ssat weight must be non-negative, got {weight}")
+        low, high = (float(eps), float(eps)) if isinstance(eps, (int, float)) else (float(v) for v in eps)
+        if not 0 <= low <= high:
+            raise ValueError(f"ssat eps must be a radius >= 0 or a range (low, high) with 0 <= low <= high, got {eps!r}")
+        if attack not in SSAT_ATTACKS:
+            raise ValueError(f"ssat attack must be one of {SSAT_ATTACKS}, got {attack!r}")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"ssat steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+            raise ValueError(f"ssat confidence_threshold must lie in [0, 1] or be null, got {confidence_threshold}")
+        if len(dataset) == 0:
+            raise ValueError("the unlabelled dataset of semi-supervised training is empty (check labelled_fraction: "
+                             "below 1 leaves the other training cases unlabelled)")
+        self.loss_fn = loss_fn
+        self.dataset = dataset
+        self.pseudo_label = pseudo_label
+        self.weight = float(weight)
+        self.eps_range = (low, high)
+        self.attack = attack
+        self.steps = int(steps) if attack == "pgd" else 1
+        self.step_size_factor = float(step_size_factor)
+        self.norm = norm
+        self.clamp = tuple(clamp) if clamp is not None else None
+        self.batch_size = int(batch_size)
+        self.confidence_threshold = confidence_threshold
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.attack_train_mode = attack_train_mode
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.image_key = image_key
+        self.id_key = id_key
+        self.cycle = 0  # passes over the unlabelled pool started
+        self.position = 0  # batches drawn in the current pass
+        self.draws = 0  # batches drawn in all
+        self._batches = None
+        self._epoch = {"loss": 0.0, "kept": 0, "seen": 0, "iterations": 0}
+        self.last: dict[str, float] = {}
+        self.logger = logging.getLogger(__name__)
+
+    # -- the unlabelled stream ----------------------------------------------------------------------------
+    def _order(self, cycle: int) -> list[int]:
+        """This rank's indices for pass ``cycle`` over the pool: a seeded permutation (sharded under DDP)."""
+        if is_distributed():
+            sampler = DistributedSampler(self.dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
+                                         seed=self.seed, drop_last=True)
+            sampler.set_epoch(cycle)
+            return list(sampler)
+        generator = torch.Generator().manual_seed(self.seed + cycle)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def _open(self) -> None:
+        order = self._order(self.cycle)
+        if not order:
+            raise ValueError(f"the unlabelled pool has {len(self.dataset)} samples, fewer than the "
+                             f"{get_world_size()} processes that share it")
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        self._batches = iter(DataLoader(self.dataset, batch_sampler=batches[self.position:],
+                                        num_workers=self.num_workers))
+
+    def next_batch(self) -> dict:
+        """The next unlabelled batch (a new pass over the pool starts when one ends)."""
+        if self._batches is None:
+            self._open()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.cycle, self.position = self.cycle + 1, 0
+            self._open()
+            batch = next(self._batches)
+        self.position += 1
+        self.draws += 1
+        if not isinstance(batch, dict) or self.image_key not in batch:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise KeyError(f"the unlabelled batch has no image under {str(self.image_key)!r} (it has {keys}); set the "
+                           "ssat handler's image_key (ssat_image_key in ssat.json)")
+        return batch
+
+    def radii(self, n: int) -> torch.Tensor:
+        """``[n]`` attack radii, uniform in ``eps`` (seeded by the draw, so a resumed run draws the same)."""
+        low, high = self.eps_range
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
+        return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    # -- Ignite -------------------------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+
+    def __call__(self, engine: Engine) -> None:
+        """Add ``weight ·`` the mean adversarial loss of an unlabelled batch to the trainer's loss."""
+        added = self.unlabelled_loss(unwrap_network(engine.network), engine.state.device)
+        engine.state.output[CommonKeys.LOSS] = engine.state.output[CommonKeys.LOSS] + added
+        engine.state.output["ssat_loss"] = added.detach()
+
+    def unlabelled_loss(self, network: nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
+        """``weight · mean_i ΣL(f(x_u,i + δ_i), ŷ_i)`` over the kept samples of the next unlabelled batch (0 when
+        none is kept), differentiable in the network's parameters."""
+        batch = self.next_batch()
+        x = convert_to_tensor(batch[self.image_key], track_meta=False).to(device or "cpu")
+        source = self.teacher if self.teacher is not None else network
+        with torch.no_grad(), frozen_norm_statistics(source):
+            target, confidence = self.pseudo_label(source(x))
+        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.confidence_threshold is not None:
+            keep = confidence.to(x.device) >= self.confidence_threshold
+        radii = self.radii(x.shape[0]).to(device=x.device, dtype=x.dtype)
+        step = radii if self.attack == "fgsm" else min(self.step_size_factor / self.steps, 1.0) * radii
+        x_adv = pgd(network, self.loss_fn, x, target, radii, steps=self.steps, step_size=step, norm=self.norm,
+                    random_start=self.attack == "pgd", clamp=self.clamp, train_mode=self.attack_train_mode)
+        stats = self._epoch
+        stats["iterations"] += 1
+        stats["seen"] += x.shape[0]
+        stats["kept"] += int(keep.sum())
+        if not keep.any():
+            self.last = {"loss": 0.0, "kept": 0.0}
+            return torch.zeros((), device=x.device)
+        losses = per_sample_terms(self.loss_fn(network(x_adv[keep]), target[keep]), int(keep.sum())).sum(dim=1)
+        added = self.weight * losses.mean()
+        stats["loss"] += float(added)
+        self.last = {"loss": float(added), "kept": float(keep.float().mean())}
+        return added
+
+    def _reset(self, engine: Engine | None = None) -> None:
+        self._epoch = {"loss": 0.0, "kept": 0, "seen": 0, "iterations": 0}
+
+    def _log_epoch(self, engine: Engine) -> None:
+        stats = self._epoch
+        if stats["iterations"]:
+            mean = stats["loss"] / stats["iterations"]
+            engine.state.metrics["ssat_loss"] = mean
+            self.logger.info(f"epoch {engine.state.epoch}: unlabelled adversarial term {mean:.4f} (weight "
+                             f"{self.weight:g}), {stats['kept']} of {stats['seen']} unlabelled samples kept")
+
+    # -- checkpointing ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cycle": self.cycle, "position": self.position, "draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cycle, self.position, self.draws = int(state["cycle"]), int(state["position"]), int(state["draws"])
+        self._batches = None  # reopened at the restored position

@@ -1,0 +1,55 @@
+"""Pseudo-labels: a network's own clean prediction turned into a training target, with a confidence per sample.
+
+Semi-supervised adversarial training (:class:`amat_monai.handlers.SemiSupervisedAdversarialHandler`) attacks an
+unlabelled image against what the model predicts on it, and trains the model to predict the same on the attacked
+image. A pseudo-labeller maps the prediction ``[B, C, ...]`` to ``(target, confidence)``: a target in the format the
+bundle's loss takes as its label, and a confidence ``[B]`` in [0, 1] by which low-confidence samples can be left
+out.
+
+* :class:`ArgmaxPseudoLabel` (segmentation): the argmax map ``[B, 1, H, W]``; confidence, the mean over pixels
+  of the highest class probability.
+* :class:`LandmarkPseudoLabel` (heatmap + offset landmarks): the decoded landmarks, encoded again as heatmap and
+  offset targets ``[B, 3K, H, W]`` (:func:`amat_monai.landmarks.landmark_targets`); confidence, the mean over
+  landmarks of the heatmap's peak probability.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amat_monai.landmarks import decode_landmarks, landmark_targets, split_channels
+
+__all__ = ["ArgmaxPseudoLabel", "LandmarkPseudoLabel"]
+
+
+class ArgmaxPseudoLabel:
+    """Segmentation pseudo-labels: the argmax over classes of the logits ``[B, C, H, W]`` -> ``[B, 1, H, W]``."""
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pred.dim() < 3:
+            raise ValueError(f"segmentation logits must be [B, C, ...], got {tuple(pred.shape)}")
+        prob = torch.softmax(pred.float(), dim=1)
+        top, label = prob.max(dim=1, keepdim=True)
+        return label.long(), top.flatten(1).mean(dim=1)
+
+
+class LandmarkPseudoLabel:
+    """Landmark pseudo-labels: decode ``[B, 3K, H, W]`` maps, then encode the landmarks as targets again.
+
+    Args:
+        radius: the disc radius of the bundle's targets (and of its decoder).
+    """
+
+    def __init__(self, radius: float) -> None:
+        if radius <= 0:
+            raise ValueError(f"radius must be positive, got {radius}")
+        self.radius = float(radius)
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        points = decode_landmarks(pred, self.radius)  # [B, K, 2] on the network grid
+        size = pred.shape[-2:]
+        target = torch.stack([landmark_targets(p.cpu(), size, self.radius) for p in points]).to(pred.device)
+        heat = torch.sigmoid(split_channels(pred.float())[0])
+        return target.to(pred.dtype), heat.flatten(2).amax(dim=2).mean(dim=1)
