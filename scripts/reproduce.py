@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py --protocol cpu --task hippocampus
     python scripts/reproduce.py --protocol paper --task all --device cuda
+    python scripts/reproduce.py --experiment margins   # or ssat, detection: the studies (scripts/*_study.py)
 
 For each task it trains STD, calibrates ξ on it, trains VAT at the papers' ε (and TEAT for landmarks) and AMAT,
 evaluates every model with ``amat-monai evaluate`` at the papers' noise levels, copies each
@@ -360,8 +361,8 @@ def write_results(results: dict[str, dict[str, Any]], protocol: str, path: Path,
 
 def rebuild_results(path: Path, results_dir: Path) -> None:
     """``path`` from every task's sections in ``results_dir``: the margin study (``MARGINS.md``) first where it
-    exists, then the baseline comparison (``RESULTS.md``)."""
-    sections = [(results_dir / t / name).read_text() for t in TASKS for name in ("MARGINS.md", "RESULTS.md")
+    exists, then the baseline comparison (``RESULTS.md``) and the semi-supervised study (``SSAT.md``)."""
+    sections = [(results_dir / t / name).read_text() for t in TASKS for name in ("MARGINS.md", "RESULTS.md", "SSAT.md")
                 if (results_dir / t / name).is_file()]
     detection = [(t, results_dir / t / "detection" / "DETECTION.md") for t in TASKS]
     detection = [(t, report) for t, report in detection if report.is_file()]
@@ -392,16 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
-    parser.add_argument("--experiment", choices=("baseline", "margins", "detection"), default="baseline",
+    parser.add_argument("--experiment", choices=("baseline", "margins", "ssat", "detection"), default="baseline",
                         help="baseline: STD / VAT / TEAT / AMAT as in docs/RESULTS.md; margins: the AMAT margin study "
-                             "(VAT's curve against AMAT arms, chosen on validation, evaluated on test); detection: the "
-                             "attack detectors of the shipped STD and AMAT models")
+                             "(VAT's curve against AMAT arms, chosen on validation, evaluated on test); ssat: "
+                             "semi-supervised adversarial training with 20 %% of the labels; detection: the attack "
+                             "detectors of the shipped STD and AMAT models")
     parser.add_argument("--data-dir", default=os.environ.get("AMAT_DATA_DIR") or str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--output-dir", default=str(ROOT / "reproduce_runs"), help="runs (resumable)")
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the markdown to write")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--report-only", action="store_true",
-                        help="with --experiment margins or detection: write the report from the stages on disk")
+                        help="with --experiment margins, ssat or detection: write the report from the stages on disk")
     parser.add_argument("--ship", action="store_true",
                         help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
                              "models/baselines/")
@@ -417,6 +419,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:
                 run_detection_study(task, Path(args.data_dir), out, args.device)
             write_detection_report(task, out, results_md.parent / "results")
+        rebuild_results(results_md, results_md.parent / "results")
+        print(f"[reproduce] wrote {results_md}")
+        return 0
+    if args.experiment == "ssat":
+        from ssat_study import SSAT_STUDY, run_ssat_study, write_ssat_report
+
+        results_md = Path(args.results).resolve()
+        for task in _defined(tasks, SSAT_STUDY, args.task, "semi-supervised study (SSAT_STUDY)"):
+            if not args.report_only:
+                run_ssat_study(task, args.protocol, Path(args.data_dir), out, args.device)
+            write_ssat_report(task, args.protocol, out / f"{task}-ssat", results_md.parent / "results")
         rebuild_results(results_md, results_md.parent / "results")
         print(f"[reproduce] wrote {results_md}")
         return 0

@@ -130,3 +130,20 @@ Stages(folder / "stages.json").run("calibrate " + sys.argv[2], str(folder / sys.
     assert (tmp_path / "model.pt").read_text() == "first"  # the stage ran once, in the first process
     records = json.loads((tmp_path / "stages.json").read_text())
     assert set(records) == {"train STD", "calibrate first", "calibrate second"}  # both processes' records kept
+
+
+def test_ssat_study_smoke_runs_every_stage_and_reports(tmp_path):
+    make_synthetic_decathlon(tmp_path / "data" / "Task04_Hippocampus", num_cases=10, seed=1)
+    _run(tmp_path, "--experiment", "ssat")
+    work = tmp_path / "runs" / "hippocampus-ssat"
+    arms = ["STD-50%-s0", "AMAT-50%-s0", "SSAT-50%-s0", "AMAT+SSAT-50%-s0"]
+    stages = json.loads((work / "stages.json").read_text())
+    assert set(stages) == {*(f"train {a}" for a in arms), "calibrate STD-50%-s0", *(f"test {a}" for a in arms)}
+    identity = json.loads((work / "runs" / "AMAT+SSAT-50%-s0" / "run.json").read_text())["identity"]
+    assert identity["labelled_fraction"] == 0.5 and identity["ssat"]["eps"] == [0.0, 10.0]
+    state = torch.load(work / "runs" / "SSAT-50%-s0" / "models" / "checkpoint_epoch=1.pt", weights_only=False)
+    assert state["ssat"]["draws"] == state["trainer"]["iteration"] > 0
+    report = (tmp_path / "docs" / "results" / "hippocampus" / "SSAT.md").read_text()
+    assert all(f"| {a} |" in report for a in arms) and "| AMAT+SSAT-50% | 1 |" in report
+    assert "Semi-supervised adversarial training (SSAT)" in (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "running" not in _run(tmp_path, "--experiment", "ssat")  # resumable: every stage done before

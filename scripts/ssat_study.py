@@ -1,0 +1,213 @@
+"""The semi-supervised study (``scripts/reproduce.py --experiment ssat``): robustness from unlabelled scans.
+
+    python scripts/reproduce.py --experiment ssat --protocol cpu --task hippocampus
+    python scripts/reproduce.py --experiment ssat --protocol cpu --task hippocampus --report-only
+
+With a fifth of the training cases labelled (a seeded split by case; the rest unlabelled, their labels never loaded),
+four arms per seed of the labelled draw: STD-20 % (trained on the labelled cases), then, fine-tuned from it with the
+margin study's budget, AMAT-20 % (its ξ calibrated on STD-20 %), SSAT-20 % (VAT at the study's ε plus SSAT on the
+unlabelled cases) and AMAT+SSAT-20 %. Every model is evaluated once on the test split of the margin study, with its
+attacks, so the 100 %-label models of that study (its best AMAT and best VAT, chosen there on validation) are the
+reference. The report (``docs/results/<task>/SSAT.md``, ``ssat.json``) gives each arm per seed, the mean and the
+spread between seeds, the wall time of every stage, and the issue's test: AMAT+SSAT-20 % above AMAT-20 % on PGD avg
+by more than the spread between seeds, closing at least half of the gap to AMAT-100 %, within 0.01 Dice / 0.1 mm
+clean.
+
+Stages are resumable (``<output-dir>/<task>-ssat/stages.json``), as in the other studies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from amat_monai.checkpoints import atomic_write_text  # noqa: E402
+from amat_monai.reporting import load_report, paper_table  # noqa: E402
+from amat_monai.workflows import calibrate, train  # noqa: E402
+from margin_study import _evaluate_stage, study_settings  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, Stages, resume_or_restart  # noqa: E402
+
+#: per task: the labelled share and seeds, SSAT's settings, the VAT ε of SSAT's supervised part, and AMAT's settings
+#: (the margin study's chosen rule and ξ level); the 100 %-label references are read from the margin study's report
+SSAT_STUDY: dict[str, dict[str, Any]] = {
+    "hippocampus": {
+        "labelled_fraction": 0.2,
+        "seeds": [0, 1],
+        # the authors' weight; a radius uniform in [0, VAT's ε], their "random strength"
+        "ssat": {"ssat_weight": 3.0, "ssat_eps": [0.0, 10.0]},
+        "vat": {"eps": 10.0},
+        # AMAT-B at the 3 % metric quantile: the margin study's choice on validation
+        "amat": {"delta": 5.0, "amat_eps_max": 25.0, "amat_condition": "metric", "amat_growth": "additive",
+                 "amat_shrink": "none"},
+        "xi": {"xi_metric_quantile": 0.03},
+        "tolerance": 0.01,
+    },
+    "ceph": {
+        "labelled_fraction": 0.2,
+        "seeds": [0, 1],
+        "ssat": {"ssat_weight": 3.0, "ssat_eps": [0.0, 3.0]},
+        "vat": {"eps": 3.0},
+        # the margin study's base rule (B: +Δ, no shrink, ξ following the model); set to its choice once it is done
+        "amat": {"delta": 1.25, "amat_eps_max": 6.0, "amat_condition": "total", "amat_xi_follows_model": True,
+                 "amat_growth": "additive", "amat_shrink": "none"},
+        "xi": {},
+        "tolerance": 0.1,
+    },
+}
+
+#: the smoke protocol's study (tests): one seed, half of the cases labelled
+SMOKE_STUDY: dict[str, Any] = {"labelled_fraction": 0.5, "seeds": [0]}
+
+ARMS = ("STD", "AMAT", "SSAT", "AMAT+SSAT")
+
+
+def ssat_settings(task: str, protocol: str) -> dict[str, Any]:
+    """The study of ``task`` under ``protocol`` (the smoke protocol trims it)."""
+    return {**SSAT_STUDY[task], **(SMOKE_STUDY if protocol == "smoke" else {})}
+
+
+def _label(arm: str, fraction: float, seed: int) -> str:
+    return f"{arm}-{fraction:.0%}-s{seed}"
+
+
+def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
+    """The stages of the semi-supervised study for one task (resumable); returns the test reports by model."""
+    spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], ssat_settings(task, protocol)
+    margins = study_settings(task, protocol)
+    bundle = ROOT / "bundles" / spec["bundle"]
+    dataset = data_dir / spec["data"]
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
+    work = out / f"{task}-ssat"
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work / "stages.json")
+    ev = settings["evaluate"]
+    fraction = study["labelled_fraction"]
+    reports: dict[str, dict[str, Any]] = {}
+    for seed in study["seeds"]:
+        labelled = {"labelled_fraction": fraction, "labelled_seed": seed}
+        names = {arm: _label(arm, fraction, seed) for arm in ARMS}
+
+        def train_stage(arm: str, method: str, extra: dict[str, Any], ssat: bool = False) -> str:
+            run_dir = work / "runs" / names[arm]
+            resume = resume_or_restart(run_dir)
+            kwargs = {**settings["common"], **labelled, "device": device, "resume": resume}
+            kwargs.update(settings["std"] if method == "std" else {**settings["adversarial"], **extra})
+            if method != "std" and not resume:
+                kwargs["init_checkpoint"] = models["STD"]
+            return stages.run(f"train {names[arm]}", str(run_dir / "models" / "model.pt"),
+                              lambda: train(bundle, method, dataset, run_dir, ssat=ssat, **kwargs)["model"])
+
+        models = {"STD": train_stage("STD", "std", {})}
+        xi_dir = work / "xi" / names["STD"]
+        split = work / "runs" / names["STD"] / "split.json"
+        xi = stages.run(f"calibrate {names['STD']}", str(xi_dir / "xi.json"), lambda: calibrate(
+            bundle, dataset, xi_dir, models["STD"], device=device, delta=study["amat"]["delta"],
+            **({"split_file": str(split)} if split.is_file() else {}), **settings["common"], **labelled, **study["xi"]))
+        amat = {**study["amat"], "xi_file": xi}
+        models["AMAT"] = train_stage("AMAT", "amat", amat)
+        models["SSAT"] = train_stage("SSAT", "vat", {**study["vat"], **study["ssat"]}, ssat=True)
+        models["AMAT+SSAT"] = train_stage("AMAT+SSAT", "amat", {**amat, **study["ssat"]}, ssat=True)
+        max_cases = margins.get("max_cases", {}).get("test", ev.get("max_cases"))
+        for arm, path in models.items():
+            reports[names[arm]] = _evaluate_stage(
+                stages, f"test {names[arm]}", bundle, dataset, path, work / "test" / names[arm], spec["eps"],
+                ev["steps"], ev.get("override", []), device, max_cases=max_cases)
+    return reports
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------
+def _references(results_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """The margin study's 100 %-label models on the same test split: its best AMAT and best VAT (on validation)."""
+    folder = results_dir / task / "margins"
+    study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else {}
+    out = {}
+    val = {p.parent.name: load_report(p) for p in (folder / "val").glob("*/robustness.json")}
+    sign = 1.0 if next(iter(val.values()), {}).get("higher_is_better", True) else -1.0
+    vats = [n for n in val if n.startswith("VAT")]
+    best_vat = max(vats, key=lambda n: sign * (val[n]["averages"]["pgd"] + val[n]["averages"]["ifgsm"])) if vats else None
+    for label, name in (("AMAT-100%", study.get("best_amat_on_validation")), ("VAT-100%", best_vat), ("STD-100%", "STD")):
+        path = folder / "test" / str(name) / "robustness.json"
+        if name and path.is_file():
+            out[f"{label} ({name})" if label != "STD-100%" else label] = load_report(path)
+    return out
+
+
+def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -> None:
+    """``results_dir/<task>/SSAT.md`` and ``ssat.json`` from whatever stages are on disk."""
+    spec, study = TASKS[task], ssat_settings(task, protocol)
+    stages = json.loads((work / "stages.json").read_text()) if (work / "stages.json").is_file() else {}
+    fraction = study["labelled_fraction"]
+    test = {p.parent.name: load_report(p) for p in sorted((work / "test").glob("*/robustness.json"))}
+    out = results_dir / task / "ssat"
+    for name, report in test.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / name / "robustness.json", json.dumps(report, indent=2))
+    references = _references(results_dir, task)
+    higher = next(iter(test.values()))["higher_is_better"] if test else True
+    sign, digits = (1.0, 4) if higher else (-1.0, 2)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} thread(s)")
+    lines = [f"## Semi-supervised adversarial training (SSAT): {spec['title']}", "",
+             f"`python scripts/reproduce.py --experiment ssat --protocol {protocol} --task {task}` on {machine}. "
+             f"{fraction:.0%} of the training cases labelled (seeds {study['seeds']} of the labelled draw); study "
+             f"{json.dumps(study)}; protocol `{protocol}` ({json.dumps(PROTOCOLS[protocol][task]['adversarial'])} for "
+             "every fine-tuned arm).", ""]
+    summary: dict[str, Any] = {"task": task, "protocol": protocol, "study": study, "arms": {}}
+    if test:
+        rows = {**test, **references}
+        lines += ["### Test split (evaluated once)", "", paper_table(list(rows.values()), list(rows)).markdown]
+        for arm in ARMS:
+            runs = [test[_label(arm, fraction, s)] for s in study["seeds"] if _label(arm, fraction, s) in test]
+            if not runs:
+                continue
+            values = {k: [r["clean"] if k == "clean" else r["averages"][k] for r in runs] for k in ("clean", "pgd", "ifgsm")}
+            summary["arms"][arm] = {k: {"mean": float(np.mean(v)), "spread": float(np.ptp(v)), "values": v}
+                                    for k, v in values.items()}
+        lines += [f"Mean over the seeds (spread: largest minus smallest), {test[next(iter(test))]['metric']}:", "",
+                  "| arm | seeds | clean | PGD avg | IFGSM avg |", "|---|---|---|---|---|"]
+        for arm, s in summary["arms"].items():
+            cells = [f"{s[k]['mean']:.{digits}f} ± {s[k]['spread'] / 2:.{digits}f}" for k in ("clean", "pgd", "ifgsm")]
+            lines.append(f"| {arm}-{fraction:.0%} | {len(s['clean']['values'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    arms = summary["arms"]
+    amat_ref = next((r for n, r in references.items() if n.startswith("AMAT-100%")), None)
+    if "AMAT" in arms and "AMAT+SSAT" in arms and amat_ref is not None:
+        both, alone = arms["AMAT+SSAT"], arms["AMAT"]
+        gain = sign * (both["pgd"]["mean"] - alone["pgd"]["mean"])
+        spread = max(both["pgd"]["spread"], alone["pgd"]["spread"])
+        gap = sign * (amat_ref["averages"]["pgd"] - alone["pgd"]["mean"])
+        clean_loss = sign * (alone["clean"]["mean"] - both["clean"]["mean"])
+        checks = {"gain_above_seed_spread": gain > spread,
+                  "closes_half_the_gap_to_amat_100": gap > 0 and gain >= 0.5 * gap,
+                  "clean_within_tolerance": clean_loss <= study["tolerance"]}
+        holds = all(checks.values())
+        lines += [f"**AMAT+SSAT-{fraction:.0%} against AMAT-{fraction:.0%}** (PGD avg gain above the spread between "
+                  f"seeds, at least half of the gap to AMAT-100 % closed, clean within {study['tolerance']:g}): "
+                  f"**{'holds' if holds else 'does not hold'}**.",
+                  f"- PGD avg gain {gain:+.{digits}f} (spread between seeds {spread:.{digits}f})",
+                  f"- gap of AMAT-{fraction:.0%} to AMAT-100 % {gap:+.{digits}f}; share closed "
+                  f"{gain / gap if gap > 0 else float('nan'):.0%}",
+                  f"- clean change {-clean_loss:+.{digits}f}", ""]
+        summary.update({"checks": checks, "holds": holds, "gain": gain, "seed_spread": spread, "gap_to_100": gap})
+    if stages:
+        lines += ["Wall time per stage (one thread):", "", "| stage | minutes |", "|---|---|"]
+        lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in stages.items()]
+        lines.append("")
+        summary["stage_seconds"] = {k: v["seconds"] for k, v in stages.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ssat.json", json.dumps(summary, indent=2))
+    atomic_write_text(results_dir / task / "SSAT.md", "\n".join(lines))
