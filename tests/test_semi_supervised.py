@@ -179,7 +179,8 @@ def test_an_unlabelled_batch_without_the_image_key_names_the_setting():
 
 
 @pytest.mark.parametrize("bad", [{"weight": -1.0}, {"eps": (0.5, 0.1)}, {"attack": "cw"}, {"steps": 0},
-                                 {"confidence_threshold": 2.0}])
+                                 {"confidence_threshold": 2.0}, {"eps": "margni"},
+                                 {"eps": "margin", "margin_delta": 0.0}])
 def test_bad_settings_are_named(bad):
     with pytest.raises(ValueError, match="ssat"):
         SemiSupervisedAdversarialHandler(TERMS, _pool(), ArgmaxPseudoLabel(), **bad)
@@ -240,3 +241,26 @@ def test_the_ssat_overlay_runs_with_amat_for_the_landmark_bundle(tmp_path):
     assert handler.draws == 2 and json.loads((tmp_path / "amat" / "run.json").read_text())["identity"]["ssat"]["weight"] == 3.0
     with pytest.raises(ValueError, match="ssat needs unlabelled cases"):
         train(ROOT / "bundles" / "ceph_landmarks", "vat", root, tmp_path / "vat", ssat=True, **tiny)
+
+
+def test_unlabelled_margins_grow_below_their_own_xi_and_survive_a_checkpoint():
+    net, pool = _net(), _pool()
+    handler = SemiSupervisedAdversarialHandler(TERMS, pool, ArgmaxPseudoLabel(), eps="margin", margin_delta=0.25,
+                                               margin_eps_max=0.6, margin_z=1.0, batch_size=6)
+    # ξ_u: mean + 1·std of the clean pseudo-label losses over the pool
+    x = torch.stack([p["image"] for p in pool])
+    with torch.no_grad():
+        losses = TERMS(net(x), net(x).argmax(dim=1, keepdim=True)).sum(dim=1).double()
+    assert handler.calibrate(net) == pytest.approx(float(losses.mean() + losses.std()))
+
+    handler.xi = 1e9  # every sample passes: +Δ, capped at 0.6
+    for expected in (0.5, 0.6):
+        handler.unlabelled_loss(net)
+        assert handler.table.as_dict() == {f"u{i}": pytest.approx(expected) for i in range(6)}
+    handler.xi = -1.0  # every sample fails: no shrink
+    handler.unlabelled_loss(net)
+    assert all(v == pytest.approx(0.6) for v in handler.table.as_dict().values())
+
+    resumed = SemiSupervisedAdversarialHandler(TERMS, pool, ArgmaxPseudoLabel(), eps="margin", batch_size=6)
+    resumed.load_state_dict(json.loads(json.dumps(handler.state_dict(), default=lambda t: t.tolist())))
+    assert resumed.xi == -1.0 and resumed.table.as_dict() == handler.table.as_dict()

@@ -6,7 +6,10 @@ prediction (a pseudo-label, :mod:`amat_monai.pseudo_labels`), attacks them again
 whatever else the trainer does: plain (STD), VAT or AMAT (attach this handler beside theirs).
 
 The authors' code (OCT classification) uses an L∞ FGSM of random strength and weight 3; here the attack is L2 in the
-bundle's units, FGSM by default or PGD-k, with a radius drawn uniformly per sample from ``eps`` (a range) or fixed.
+bundle's units, FGSM by default or PGD-k, with a radius drawn uniformly per sample from ``eps`` (a range) or fixed, or
+``eps="margin"``: adaptive margins for the unlabelled samples too (AMAT's rule, :mod:`amat_monai.margins`: ``+Δ``
+while the attacked pseudo-label loss stays below a threshold ξ_u, kept otherwise), with ξ_u = mean + z·std of the
+pseudo-label losses of the clean pool under the model the run starts from (the STD model when fine-tuning it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from amat_monai.attacks import LossFn, frozen_norm_statistics, per_sample_terms, pgd
-from amat_monai.distributed import get_rank, get_world_size, is_distributed, unwrap_network
+from amat_monai.calibration import compute_xi
+from amat_monai.distributed import get_rank, get_world_size, is_distributed, sync_margins, unwrap_network
+from amat_monai.handlers.adversarial_training import batch_ids
+from amat_monai.margins import MarginTable, update_margins
 
 __all__ = ["SemiSupervisedAdversarialHandler", "SSAT_ATTACKS"]
 
@@ -41,8 +47,11 @@ class SemiSupervisedAdversarialHandler:
         pseudo_label: ``pred -> (target, confidence)`` (:class:`~amat_monai.pseudo_labels.ArgmaxPseudoLabel`,
             :class:`~amat_monai.pseudo_labels.LandmarkPseudoLabel`).
         weight: weight of the unlabelled term (3 in the authors' code).
-        eps: the attack radius (input units): a number, or ``(low, high)`` for a radius drawn uniformly per sample
-            and iteration (the authors' random strength).
+        eps: the attack radius (input units): a number, ``(low, high)`` for a radius drawn uniformly per sample
+            and iteration (the authors' random strength), or ``"margin"`` (per-sample adaptive margins, see above).
+        margin_delta: with ``eps="margin"``: the initial margin and the growth step Δ.
+        margin_eps_max: with ``eps="margin"``: the cap on the margins (``None``: none).
+        margin_z: with ``eps="margin"``: ξ_u = mean + ``margin_z``·std of the clean pool's pseudo-label losses.
         attack: ``"fgsm"`` (one step of length ε) or ``"pgd"`` (``steps`` steps of ``step_size_factor·ε/steps``,
             capped at ε, from a random start).
         steps: PGD steps.
@@ -71,7 +80,10 @@ class SemiSupervisedAdversarialHandler:
         dataset: Dataset,
         pseudo_label: PseudoLabeller,
         weight: float = 3.0,
-        eps: float | Sequence[float] = (0.0, 1.0),
+        eps: float | Sequence[float] | str = (0.0, 1.0),
+        margin_delta: float = 1.0,
+        margin_eps_max: float | None = None,
+        margin_z: float = 2.0,
         attack: str = "fgsm",
         steps: int = 1,
         step_size_factor: float = 2.5,
@@ -88,7 +100,16 @@ class SemiSupervisedAdversarialHandler:
     ) -> None:
         if weight < 0:
             raise ValueError(f"ssat weight must be non-negative, got {weight}")
-        low, high = (float(eps), float(eps)) if isinstance(eps, (int, float)) else (float(v) for v in eps)
+        self.adaptive = eps == "margin"
+        if self.adaptive:
+            if margin_delta <= 0 or (margin_eps_max is not None and margin_eps_max < margin_delta):
+                raise ValueError(f"ssat margins need margin_delta > 0 and margin_eps_max >= it, got {margin_delta} "
+                                 f"and {margin_eps_max}")
+            low = high = 0.0
+        elif isinstance(eps, str):
+            raise ValueError(f"ssat eps must be a radius, a range (low, high) or 'margin', got {eps!r}")
+        else:
+            low, high = (float(eps), float(eps)) if isinstance(eps, (int, float)) else (float(v) for v in eps)
         if not 0 <= low <= high:
             raise ValueError(f"ssat eps must be a radius >= 0 or a range (low, high) with 0 <= low <= high, got {eps!r}")
         if attack not in SSAT_ATTACKS:
@@ -105,6 +126,11 @@ class SemiSupervisedAdversarialHandler:
         self.pseudo_label = pseudo_label
         self.weight = float(weight)
         self.eps_range = (low, high)
+        self.margin_delta = float(margin_delta)
+        self.margin_eps_max = margin_eps_max
+        self.margin_z = float(margin_z)
+        self.table = MarginTable(init=self.margin_delta)
+        self.xi: float | None = None  # ξ_u of the margin mode, calibrated at the first call
         self.attack = attack
         self.steps = int(steps) if attack == "pgd" else 1
         self.step_size_factor = float(step_size_factor)
@@ -187,15 +213,17 @@ class SemiSupervisedAdversarialHandler:
     def unlabelled_loss(self, network: nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
         """``weight · mean_i ΣL(f(x_u,i + δ_i), ŷ_i)`` over the kept samples of the next unlabelled batch (0 when
         none is kept), differentiable in the network's parameters."""
+        if self.adaptive and self.xi is None:
+            self.xi = self.calibrate(network, device)
         batch = self.next_batch()
         x = convert_to_tensor(batch[self.image_key], track_meta=False).to(device or "cpu")
-        source = self.teacher if self.teacher is not None else network
-        with torch.no_grad(), frozen_norm_statistics(source):
-            target, confidence = self.pseudo_label(source(x))
+        target, confidence = self._pseudo_labels(network, x)
         keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         if self.confidence_threshold is not None:
             keep = confidence.to(x.device) >= self.confidence_threshold
-        radii = self.radii(x.shape[0]).to(device=x.device, dtype=x.dtype)
+        ids = batch_ids(batch, self.id_key) if self.adaptive else []
+        radii = self.table.get(ids) if self.adaptive else self.radii(x.shape[0])
+        radii = radii.to(device=x.device, dtype=x.dtype)
         step = radii if self.attack == "fgsm" else min(self.step_size_factor / self.steps, 1.0) * radii
         x_adv = pgd(network, self.loss_fn, x, target, radii, steps=self.steps, step_size=step, norm=self.norm,
                     random_start=self.attack == "pgd", clamp=self.clamp, train_mode=self.attack_train_mode)
@@ -207,10 +235,41 @@ class SemiSupervisedAdversarialHandler:
             self.last = {"loss": 0.0, "kept": 0.0}
             return torch.zeros((), device=x.device)
         losses = per_sample_terms(self.loss_fn(network(x_adv[keep]), target[keep]), int(keep.sum())).sum(dim=1)
+        if self.adaptive:
+            self._update_margins(ids, radii, keep, losses.detach())
         added = self.weight * losses.mean()
         stats["loss"] += float(added)
         self.last = {"loss": float(added), "kept": float(keep.float().mean())}
         return added
+
+    def _pseudo_labels(self, network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.teacher if self.teacher is not None else network
+        with torch.no_grad(), frozen_norm_statistics(source):
+            return self.pseudo_label(source(x))
+
+    @torch.no_grad()
+    def calibrate(self, network: nn.Module, device: torch.device | str | None = None) -> float:
+        """ξ_u of the margin mode: mean + ``margin_z``·std of the clean pseudo-label losses over the pool."""
+        losses = []
+        for batch in DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers):
+            x = convert_to_tensor(batch[self.image_key], track_meta=False).to(device or "cpu")
+            target, _ = self._pseudo_labels(network, x)
+            with frozen_norm_statistics(network):
+                losses.append(per_sample_terms(self.loss_fn(network(x), target), x.shape[0]).sum(dim=1).cpu())
+        xi = compute_xi(torch.cat(losses), z=self.margin_z)[0]["xi"]
+        self.logger.info(f"unlabelled margins: ξ_u = {xi:.4f} (mean + {self.margin_z:g}·std of the pseudo-label "
+                         f"losses of {len(self.dataset)} unlabelled samples)")
+        return float(xi)
+
+    def _update_margins(self, ids: list[str], radii: torch.Tensor, keep: torch.Tensor, losses: torch.Tensor) -> None:
+        """``+Δ`` for a kept sample whose attacked pseudo-label loss stayed below ξ_u; every other margin stays."""
+        passed = torch.zeros(len(ids), dtype=torch.bool)
+        passed[keep.cpu()] = losses.cpu() < self.xi
+        margins = radii.double().cpu()
+        new = update_margins(margins, passed, self.margin_delta, shrink="none", eps_max=self.margin_eps_max)
+        self.table.set(ids, new, trained_at=margins)
+        sync_margins(self.table, ids, new, trained_at=margins)  # every rank holds every margin
+        self._epoch["grown"] = self._epoch.get("grown", 0) + int(passed.sum())
 
     def _reset(self, engine: Engine | None = None) -> None:
         self._epoch = {"loss": 0.0, "kept": 0, "seen": 0, "iterations": 0}
@@ -220,13 +279,22 @@ class SemiSupervisedAdversarialHandler:
         if stats["iterations"]:
             mean = stats["loss"] / stats["iterations"]
             engine.state.metrics["ssat_loss"] = mean
+            margins = ""
+            if self.adaptive:
+                m = self.table.summary()
+                margins = (f"; unlabelled margins mean {m['mean']:.3f}, median {m['median']:.3f}, max {m['max']:.3f} "
+                           f"({stats.get('grown', 0)} grown)")
             self.logger.info(f"epoch {engine.state.epoch}: unlabelled adversarial term {mean:.4f} (weight "
-                             f"{self.weight:g}), {stats['kept']} of {stats['seen']} unlabelled samples kept")
+                             f"{self.weight:g}), {stats['kept']} of {stats['seen']} unlabelled samples kept{margins}")
 
     # -- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cycle": self.cycle, "position": self.position, "draws": self.draws}
+        return {"cycle": self.cycle, "position": self.position, "draws": self.draws, "xi": self.xi,
+                "margins": self.table.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.cycle, self.position, self.draws = int(state["cycle"]), int(state["position"]), int(state["draws"])
+        self.xi = state.get("xi")
+        if "margins" in state:
+            self.table.load_state_dict(state["margins"])
         self._batches = None  # reopened at the restored position
