@@ -289,8 +289,8 @@ class SemiSupervisedAdversarialHandler:
 
     # -- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cycle": self.cycle, "position": self.position, "draws": self.draws, "xi": self.xi,
-                "margins": self.table.state_dict()}
+        state = {"cycle": self.cycle, "position": self.position, "draws": self.draws}
+        return {**state, "xi": self.xi, "margins": self.table.state_dict()} if self.adaptive else state
 
     def load_state_dict(self, state: dict) -> None:
         self.cycle, self.position, self.draws = int(state["cycle"]), int(state["position"]), int(state["draws"])
