@@ -11,6 +11,8 @@ out.
 * :class:`LandmarkPseudoLabel` (heatmap + offset landmarks): the decoded landmarks, encoded again as heatmap and
   offset targets ``[B, 3K, H, W]`` (:func:`amat_monai.landmarks.landmark_targets`); confidence, the mean over
   landmarks of the heatmap's peak probability.
+* :class:`DetectionPseudoLabel` (RetinaNet boxes): the detections above a score threshold as padded ground truth
+  ``[B, M, 5]`` (:func:`amat_monai.object_detection.pad_boxes`); confidence, their mean score (0 without one).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from amat_monai.landmarks import decode_landmarks, landmark_targets, split_channels
 
-__all__ = ["ArgmaxPseudoLabel", "LandmarkPseudoLabel"]
+__all__ = ["ArgmaxPseudoLabel", "LandmarkPseudoLabel", "DetectionPseudoLabel"]
 
 
 class ArgmaxPseudoLabel:
@@ -53,3 +55,35 @@ class LandmarkPseudoLabel:
         target = torch.stack([landmark_targets(p.cpu(), size, self.radius) for p in points]).to(pred.device)
         heat = torch.sigmoid(split_channels(pred.float())[0])
         return target.to(pred.dtype), heat.flatten(2).amax(dim=2).mean(dim=1)
+
+
+class DetectionPseudoLabel:
+    """Detection pseudo-labels: the boxes the detector finds with a score of at least ``score_threshold``.
+
+    Args:
+        detector: the bundle's :class:`~amat_monai.object_detection.PerSampleRetinaNetDetector` (its ``detect``
+            decodes the head output of the forward pass just made).
+        score_threshold: lowest score of a box kept as a pseudo-label.
+        max_boxes: rows of the padded target (the bundle's ``max_boxes``).
+    """
+
+    def __init__(self, detector, score_threshold: float = 0.5, max_boxes: int = 64) -> None:
+        if not 0 <= score_threshold <= 1:
+            raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+        self.detector = detector
+        self.score_threshold = float(score_threshold)
+        self.max_boxes = int(max_boxes)
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from amat_monai.object_detection import pad_boxes  # monai.apps.detection is imported only when needed
+
+        boxes, labels, confidence = [], [], []
+        for found in self.detector.detect(pred):
+            scores = found["labels_scores"]
+            keep = torch.nonzero(scores >= self.score_threshold).flatten()
+            keep = keep[torch.argsort(scores[keep], descending=True)][: self.max_boxes]
+            boxes.append(found["boxes"][keep].float().cpu())
+            labels.append(found["labels"][keep].cpu())
+            confidence.append(float(scores[keep].mean()) if keep.numel() else 0.0)
+        return pad_boxes(boxes, labels, self.max_boxes).to(pred.device), torch.tensor(confidence)

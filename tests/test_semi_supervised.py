@@ -264,3 +264,36 @@ def test_unlabelled_margins_grow_below_their_own_xi_and_survive_a_checkpoint():
     resumed = SemiSupervisedAdversarialHandler(TERMS, pool, ArgmaxPseudoLabel(), eps="margin", batch_size=6)
     resumed.load_state_dict(json.loads(json.dumps(handler.state_dict(), default=lambda t: t.tolist())))
     assert resumed.xi == -1.0 and resumed.table.as_dict() == handler.table.as_dict()
+
+
+def test_the_ssat_overlay_runs_for_the_detection_bundle_and_its_pool_reads_no_annotation(tmp_path):
+    from amat_monai.data.voc import make_synthetic_voc, voc_datalist
+
+    root = make_synthetic_voc(tmp_path / "bccd", num_images=12, seed=2)
+    pool_ids = [i["sample_id"] for i in voc_datalist(root, "train", pool="unlabelled", labelled_fraction=0.5)]
+    labelled_ids = [i["sample_id"] for i in voc_datalist(root, "train", labelled_fraction=0.5)]
+    assert pool_ids and labelled_ids and set(pool_ids).isdisjoint(labelled_ids)
+    for sample_id in pool_ids:
+        (root / "Annotations" / f"{sample_id}.xml").unlink()
+    tiny = {"widths": [4, 8, 8, 16], "fpn_channels": 8, "batch_size": 2, "epochs": 1, "attack_steps": 1,
+            "eps": 2.0, "validate_max_cases": 2, "ssat_eps": 2.0}
+    wf, handler = _ssat_run("bccd_detection", ["vat.json"], root, tmp_path / "run", **tiny)
+    assert sorted(i["sample_id"] for i in handler.dataset.data) == sorted(pool_ids)
+    assert handler.draws == len(wf.parser.get_parsed_content("train#dataloader"))
+
+    # the pseudo-labels are the detections above the threshold, padded like the ground truth
+    network = wf.parser.get_parsed_content("network_def").eval()
+    x = torch.stack([handler.dataset[0]["image"], handler.dataset[1]["image"]])
+    with torch.no_grad():
+        pred = network(x)
+    labeller = wf.parser.get_parsed_content("pseudo_labeller")
+    labeller.score_threshold = 0.0
+    target, confidence = labeller(pred)
+    found = network.detect(pred)
+    assert target.shape == (2, 64, 5)
+    for k in range(2):
+        rows = target[k][target[k, :, 4] >= 0]
+        expected = found[k]["labels_scores"].sort(descending=True)
+        assert rows.shape[0] == min(64, expected.values.numel())
+        torch.testing.assert_close(rows[:, :4], found[k]["boxes"][expected.indices[:64]].float())
+        assert confidence[k] == pytest.approx(float(expected.values[:64].mean()) if rows.shape[0] else 0.0)

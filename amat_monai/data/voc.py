@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amat_monai.data.labelled import check_labelled_fraction, select_pool
 from amat_monai.data.root import data_root
 
 logger = logging.getLogger(__name__)
@@ -126,13 +127,28 @@ def read_voc_split(root: str | os.PathLike, split: str) -> list[str]:
     return ids
 
 
+#: image file suffixes tried for an unlabelled VOC image (its annotation, which names the file, is not read)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
 def voc_datalist(root: str | os.PathLike, split: str, classes: Sequence[str] = BCCD_CLASSES,
-                 max_cases: int | None = None, allow_empty: bool = False) -> list[dict]:
-    """MONAI data list of a split: ``{"image", "boxes", "labels", "sample_id", "image_size"}`` per image."""
+                 max_cases: int | None = None, allow_empty: bool = False, pool: str = "labelled",
+                 labelled_fraction: float | None = None, labelled_seed: int = 0) -> list[dict]:
+    """MONAI data list of a split: ``{"image", "boxes", "labels", "sample_id", "image_size"}`` per image.
+
+    With ``labelled_fraction`` below 1 the split's images are divided, seeded by ``labelled_seed``
+    (:func:`amat_monai.data.labelled.split_labelled`), into a labelled pool and an unlabelled one; ``pool`` says which
+    to return. Unlabelled items are ``{"image", "sample_id"}``: their annotation files are not read.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"VOC folder not found: {root}")
-    ids = read_voc_split(root, split)[: max_cases or None]
+    ids = read_voc_split(root, split)
+    if pool == "unlabelled" or check_labelled_fraction(labelled_fraction) < 1.0:
+        ids = select_pool(ids, pool, labelled_fraction, labelled_seed)
+    ids = ids[: max_cases or None]
+    if pool == "unlabelled":
+        return [{"image": str(_image_file(root, i, split)), "sample_id": i} for i in ids]
     items = []
     for sample_id in ids:
         ann = read_voc_annotation(root / "Annotations" / f"{sample_id}.xml", classes, allow_empty)
@@ -142,6 +158,15 @@ def voc_datalist(root: str | os.PathLike, split: str, classes: Sequence[str] = B
         items.append({"image": str(image), "boxes": ann.boxes, "labels": ann.labels, "sample_id": sample_id,
                       "image_size": [ann.height, ann.width]})
     return items
+
+
+def _image_file(root: Path, sample_id: str, split: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        path = root / "JPEGImages" / f"{sample_id}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"image {sample_id!r} of split {split!r} not found: no {root / 'JPEGImages' / sample_id}"
+                            f"{{{','.join(IMAGE_SUFFIXES)}}}")
 
 
 def _xml(filename: str, width: int, height: int, objects: Sequence[tuple[str, Sequence[float]]]) -> str:
