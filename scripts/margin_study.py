@@ -37,8 +37,9 @@ from amat_monai.checkpoints import atomic_write_text  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.comparison import frontier, paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
-from amat_monai.workflows import calibrate, train  # noqa: E402
-from reproduce import PROTOCOLS, TASKS, Stages, resume_or_restart  # noqa: E402
+from amat_monai.workflows import calibrate  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, Stages, study_folder  # noqa: E402
+from reproduce import train_stage as reproduce_train_stage  # noqa: E402
 
 #: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm
 #: fine-tuned from the same STD model with the same budget (epochs, attack steps, learning rate); arms and ξ levels
@@ -124,27 +125,12 @@ def _robust_score(report: dict[str, Any]) -> float:
 def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
     """The stages of the margin study for one task (resumable); returns the reports by split and model."""
     spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], study_settings(task, protocol)
-    bundle = ROOT / "bundles" / spec["bundle"]
-    dataset = data_dir / spec["data"]
-    if not dataset.is_dir():
-        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
-    work = out / f"{task}-margins"
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work / "stages.json")
+    bundle, dataset, work, stages = study_folder(task, data_dir, out, "-margins")
     ev = settings["evaluate"]
 
     def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
-        run_dir = work / "runs" / name
-        resume = resume_or_restart(run_dir)
-        kwargs = {**settings["common"], "device": device, "resume": resume}
-        if method == "std":
-            kwargs.update(settings["std"])
-        else:
-            kwargs.update({**settings["adversarial"], **extra})
-            if not resume:
-                kwargs["init_checkpoint"] = models["STD"]
-        return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"),
-                          lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"])
+        return reproduce_train_stage(stages, work, name, bundle, method, dataset, settings, device,
+                                     models.get("STD"), extra)
 
     def calibrate_stage(label: str, level: dict[str, Any]) -> str:
         out_dir = work / "xi" / label
@@ -163,7 +149,8 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
                                spec["eps"], ev["steps"], [*ev.get("override", []), *study["validate"]], device,
                                max_cases=max_cases["validate"])
 
-    models: dict[str, str] = {"STD": train_stage("STD", "std", {})}
+    models: dict[str, str] = {}
+    models["STD"] = train_stage("STD", "std", {})
     xi = {"mean": calibrate_stage("mean", {})}
     for eps in study["vat_eps"]:
         models[f"VAT{eps:g}"] = train_stage(f"VAT{eps:g}", "vat", {"eps": eps})

@@ -151,6 +151,35 @@ def resume_or_restart(run_dir: Path) -> bool:
     return False
 
 
+def study_folder(task: str, data_dir: Path, out: Path, suffix: str = "") -> tuple[Path, Path, Path, "Stages"]:
+    """``(bundle, dataset, work folder, its Stages)`` of a task's run (``out/<task><suffix>``); a missing data set is
+    named."""
+    spec = TASKS[task]
+    dataset = data_dir / spec["data"]
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
+    work = out / f"{task}{suffix}"
+    work.mkdir(parents=True, exist_ok=True)
+    return ROOT / "bundles" / spec["bundle"], dataset, work, Stages(work / "stages.json")
+
+
+def train_stage(stages: "Stages", work: Path, name: str, bundle: Path, method: str, dataset: Path,
+                settings: dict[str, Any], device: str | None, std_model: str | None = None,
+                extra: dict[str, Any] | None = None, **train_kwargs: Any) -> str:
+    """Train ``name`` (``work/runs/<name>``) as a resumable stage with a protocol's ``settings``: STD with its
+    ``std`` overrides, an adversarial method with its ``adversarial`` ones plus ``extra``, fine-tuned from
+    ``std_model`` unless it resumes; ``train_kwargs`` go to every method. Returns the final weights' path."""
+    run_dir = work / "runs" / name
+    resume = resume_or_restart(run_dir)
+    kwargs = {**settings["common"], "device": device, "resume": resume}
+    kwargs.update(settings["std"] if method == "std" else {**settings["adversarial"], **(extra or {})})
+    if method != "std" and std_model and not resume:
+        kwargs["init_checkpoint"] = std_model
+    kwargs.update(train_kwargs)
+    return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"),
+                      lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"])
+
+
 class Stages:
     """Finished stages of one task, kept in ``stages.json`` (written atomically) with their wall time.
 
@@ -236,31 +265,15 @@ class Stages:
 def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
     """All stages of one task; returns ``{"reports": {name: report}, "stages": {...}}``."""
     spec, settings = TASKS[task], PROTOCOLS[protocol][task]
-    bundle = ROOT / "bundles" / spec["bundle"]
-    dataset = data_dir / spec["data"]
-    if not dataset.is_dir():
-        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
-    work = out / task
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work / "stages.json")
+    bundle, dataset, work, stages = study_folder(task, data_dir, out)
     models: dict[str, str] = {}
     xi_file = None
     for name, method, extra in spec["methods"]:
         run_dir = work / "runs" / name
-        resume = resume_or_restart(run_dir)
-        common = {**settings["common"], "device": device, "resume": resume}
-        if method == "std":
-            kwargs = {**settings["std"], **common}
-        else:
-            kwargs = {**settings["adversarial"], **common, **extra}
-            if settings["fine_tune"] and not resume:
-                kwargs["init_checkpoint"] = models["STD"]
         if method == "amat":
-            kwargs.update(settings["amat"], xi_file=xi_file)
-        models[name] = stages.run(
-            f"train {name}", str(run_dir / "models" / "model.pt"),
-            lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"],
-        )
+            extra = {**extra, **settings["amat"], "xi_file": xi_file}
+        models[name] = train_stage(stages, work, name, bundle, method, dataset, settings, device,
+                                   models.get("STD") if settings["fine_tune"] else None, extra)
         if method == "std":
             max_cases = settings["std"].get("max_cases")
             xi_file = stages.run(
@@ -389,6 +402,26 @@ def _defined(tasks: list[str], study: dict[str, Any], requested: str, what: str)
     return [t for t in tasks if t in study]
 
 
+def _study(experiment: str) -> tuple[dict[str, Any], str, Any, Any]:
+    """``(study table, its name, run(task, protocol, data_dir, out, device), report(task, protocol, out,
+    results_dir))`` of a study in ``scripts/``."""
+    if experiment == "detection":
+        from detection_study import DETECTION_STUDY, run_detection_study, write_detection_report
+
+        return (DETECTION_STUDY, "attack-detection study (DETECTION_STUDY)",
+                lambda task, protocol, data, out, device: run_detection_study(task, data, out, device),
+                lambda task, protocol, out, results: write_detection_report(task, out, results))
+    if experiment == "margins":
+        from margin_study import MARGIN_STUDY, run_margin_study, write_margin_report
+
+        return (MARGIN_STUDY, "margin study (MARGIN_STUDY)", run_margin_study,
+                lambda task, protocol, out, results: write_margin_report(task, protocol, out / f"{task}-margins", results))
+    from ssat_study import SSAT_STUDY, run_ssat_study, write_ssat_report
+
+    return (SSAT_STUDY, "semi-supervised study (SSAT_STUDY)", run_ssat_study,
+            lambda task, protocol, out, results: write_ssat_report(task, protocol, out / f"{task}-ssat", results))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
@@ -411,36 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
-    if args.experiment == "detection":
-        from detection_study import DETECTION_STUDY, run_detection_study, write_detection_report
-
+    if args.experiment != "baseline":
+        study, what, run, report = _study(args.experiment)
         results_md = Path(args.results).resolve()
-        for task in _defined(tasks, DETECTION_STUDY, args.task, "attack-detection study (DETECTION_STUDY)"):
+        for task in _defined(tasks, study, args.task, what):
             if not args.report_only:
-                run_detection_study(task, Path(args.data_dir), out, args.device)
-            write_detection_report(task, out, results_md.parent / "results")
-        rebuild_results(results_md, results_md.parent / "results")
-        print(f"[reproduce] wrote {results_md}")
-        return 0
-    if args.experiment == "ssat":
-        from ssat_study import SSAT_STUDY, run_ssat_study, write_ssat_report
-
-        results_md = Path(args.results).resolve()
-        for task in _defined(tasks, SSAT_STUDY, args.task, "semi-supervised study (SSAT_STUDY)"):
-            if not args.report_only:
-                run_ssat_study(task, args.protocol, Path(args.data_dir), out, args.device)
-            write_ssat_report(task, args.protocol, out / f"{task}-ssat", results_md.parent / "results")
-        rebuild_results(results_md, results_md.parent / "results")
-        print(f"[reproduce] wrote {results_md}")
-        return 0
-    if args.experiment == "margins":
-        from margin_study import MARGIN_STUDY, run_margin_study, write_margin_report
-
-        results_md = Path(args.results).resolve()
-        for task in _defined(tasks, MARGIN_STUDY, args.task, "margin study (MARGIN_STUDY)"):
-            if not args.report_only:
-                run_margin_study(task, args.protocol, Path(args.data_dir), out, args.device)
-            write_margin_report(task, args.protocol, out / f"{task}-margins", results_md.parent / "results")
+                run(task, args.protocol, Path(args.data_dir), out, args.device)
+            report(task, args.protocol, out, results_md.parent / "results")
         rebuild_results(results_md, results_md.parent / "results")
         print(f"[reproduce] wrote {results_md}")
         return 0

@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from amat_monai.checkpoints import atomic_write_text  # noqa: E402
 from amat_monai.reporting import load_report, paper_table  # noqa: E402
-from amat_monai.workflows import calibrate, train  # noqa: E402
+from amat_monai.workflows import calibrate  # noqa: E402
 from margin_study import _evaluate_stage, study_settings  # noqa: E402
-from reproduce import PROTOCOLS, TASKS, Stages, resume_or_restart  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, study_folder  # noqa: E402
+from reproduce import train_stage as reproduce_train_stage  # noqa: E402
 
 #: per task: the labelled share and seeds, SSAT's settings, the VAT ε of SSAT's supervised part, and AMAT's settings
 #: (the margin study's chosen rule and ξ level); the 100 %-label references are read from the margin study's report
@@ -85,13 +86,7 @@ def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: 
     """The stages of the semi-supervised study for one task (resumable); returns the test reports by model."""
     spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], ssat_settings(task, protocol)
     margins = study_settings(task, protocol)
-    bundle = ROOT / "bundles" / spec["bundle"]
-    dataset = data_dir / spec["data"]
-    if not dataset.is_dir():
-        raise FileNotFoundError(f"{task}: data set not found: {dataset} (set AMAT_DATA_DIR or --data-dir)")
-    work = out / f"{task}-ssat"
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work / "stages.json")
+    bundle, dataset, work, stages = study_folder(task, data_dir, out, "-ssat")
     ev = settings["evaluate"]
     fraction = study["labelled_fraction"]
     reports: dict[str, dict[str, Any]] = {}
@@ -100,16 +95,11 @@ def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: 
         names = {arm: _label(arm, fraction, seed) for arm in ARMS}
 
         def train_stage(arm: str, method: str, extra: dict[str, Any], ssat: bool = False) -> str:
-            run_dir = work / "runs" / names[arm]
-            resume = resume_or_restart(run_dir)
-            kwargs = {**settings["common"], **labelled, "device": device, "resume": resume}
-            kwargs.update(settings["std"] if method == "std" else {**settings["adversarial"], **extra})
-            if method != "std" and not resume:
-                kwargs["init_checkpoint"] = models["STD"]
-            return stages.run(f"train {names[arm]}", str(run_dir / "models" / "model.pt"),
-                              lambda: train(bundle, method, dataset, run_dir, ssat=ssat, **kwargs)["model"])
+            return reproduce_train_stage(stages, work, names[arm], bundle, method, dataset, settings, device,
+                                         models.get("STD"), extra, ssat=ssat, **labelled)
 
-        models = {"STD": train_stage("STD", "std", {})}
+        models: dict[str, str] = {}
+        models["STD"] = train_stage("STD", "std", {})
         xi_dir = work / "xi" / names["STD"]
         split = work / "runs" / names["STD"] / "split.json"
         xi = stages.run(f"calibrate {names['STD']}", str(xi_dir / "xi.json"), lambda: calibrate(
