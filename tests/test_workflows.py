@@ -106,11 +106,11 @@ def test_cli_choices_are_the_library_constants():
 
 
 def test_method_overlays_are_the_same_file_in_every_bundle():
-    """vat / amat / teat / calibrate.json are said once: byte-identical across bundles, per-bundle numbers in
+    """vat / amat / teat / calibrate / ssat.json are said once: byte-identical across bundles, per-bundle numbers in
     train.json (a new bundle copies them as they are)."""
     bundles = sorted(p for p in (Path(__file__).resolve().parents[1] / "bundles").iterdir() if (p / "configs").is_dir())
     assert len(bundles) >= 2
-    for name in ("vat.json", "amat.json", "teat.json", "calibrate.json"):
+    for name in ("vat.json", "amat.json", "teat.json", "calibrate.json", "ssat.json"):
         first = (bundles[0] / "configs" / name).read_bytes()
         for other in bundles[1:]:
             assert (other / "configs" / name).read_bytes() == first, f"{other.name}/configs/{name} differs from {bundles[0].name}'s"
