@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         # --verbose after the subcommand too; the description says what the subcommand writes
         return sub.add_parser(name, parents=[verbose], help=help, description=f"{help[0].upper()}{help[1:]}. {writes}")
 
-    p = add("train", "train a model with STD, VAT, AMAT or TEAT",
+    p = add("train", "train a model with STD, VAT, AMAT or TEAT (optionally with SSAT on unlabelled cases)",
             "Writes OUTPUT_DIR/models/model.pt (final weights), models/checkpoint_epoch=N.pt (to --resume), "
             "run.json (what the folder belongs to), split.json, tensorboard/ and, for AMAT, margins.json.")
     _common(p)
