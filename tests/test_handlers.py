@@ -264,3 +264,15 @@ def test_xi_follows_the_models_mean_clean_loss():
 
     with pytest.raises(ValueError, match="xi_follows_model needs xi as an xi.json"):
         AdaptiveMarginHandler(TERMS, xi=[0.3, 0.1], delta=0.5, xi_follows_model=True)
+
+def test_followed_xi_counts_each_samples_latest_value_once():
+    """A revisit replaces the sample's value in the running mean; NaN (undefined metric) is left out."""
+    xi = {"xi": [0.3, 0.1], "terms": [{"name": "dice", "mean": 0.25}, {"name": "ce", "mean": 0.05}]}
+    handler = AdaptiveMarginHandler(TERMS, xi=xi, delta=0.5, xi_follows_model=True)
+    handler._follow_model(["a", "b"], torch.tensor([[0.2, 0.1], [0.4, float("nan")]]))
+    assert handler.condition.thresholds.tolist() == pytest.approx([0.3 + 0.3 - 0.25, 0.1 + 0.1 - 0.05])
+    resumed = AdaptiveMarginHandler(TERMS, xi=xi, delta=0.5, xi_follows_model=True)
+    resumed.load_state_dict(handler.state_dict())
+    for h in (handler, resumed):  # "a" revisited: its new values replace the old ones
+        h._follow_model(["a"], torch.tensor([[0.6, 0.3]]))
+        assert h.condition.thresholds.tolist() == pytest.approx([0.3 + 0.5 - 0.25, 0.1 + 0.3 - 0.05])

@@ -158,6 +158,8 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self._margins_per_epoch: list[list[float]] = []
         self._epoch_counts = torch.zeros(len(OUTCOMES), dtype=torch.long)
         self._latest_clean: dict[str, list[float]] = {}  # sample id -> its latest clean badness (xi_follows_model)
+        self._clean_sum: torch.Tensor | None = None  # running sum and count of those, per threshold
+        self._clean_count: torch.Tensor | None = None
         self.logger = logging.getLogger(__name__)
 
     def margins_of(self, ids: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -210,14 +212,31 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self.current = None
 
     def _follow_model(self, ids: list[str], clean_badness: torch.Tensor) -> None:
-        """``ξ = ξ_cal + (mean latest clean badness − the calibrated model's mean)`` (``xi_follows_model``)."""
+        """``ξ = ξ_cal + (mean latest clean badness − the calibrated model's mean)`` (``xi_follows_model``).
+
+        The mean is kept as a running sum and count of each sample's latest value, so an update costs the batch,
+        not the dataset; a metric can be undefined on a sample (NaN), which the sums skip.
+        """
         values = clean_badness.double().reshape(len(ids), -1).cpu().tolist()
         for rank_ids, rank_values in all_gather_objects((list(ids), values)):  # every rank's visits
-            self._latest_clean.update(zip(rank_ids, rank_values))
-        latest = torch.tensor(list(self._latest_clean.values()), dtype=torch.float64)
-        mean = latest.nanmean(dim=0)  # a metric can be undefined on a sample (NaN)
+            for sample_id, value in zip(rank_ids, rank_values):
+                self._add_latest_clean(sample_id, value)
+        mean = self._clean_sum / self._clean_count  # NaN where no sample has a value yet
         followed = self.calibrated_xi + mean - self.condition.reference
         self.condition.thresholds = torch.where(torch.isfinite(mean), followed, self.condition.thresholds)
+
+    def _add_latest_clean(self, sample_id: str, value: list[float]) -> None:
+        new = torch.tensor(value, dtype=torch.float64)
+        if self._clean_sum is None:
+            self._clean_sum, self._clean_count = torch.zeros_like(new), torch.zeros_like(new)
+        old = self._latest_clean.get(sample_id)
+        if old is not None:
+            old = torch.tensor(old, dtype=torch.float64)
+            self._clean_sum -= torch.nan_to_num(old)
+            self._clean_count -= torch.isfinite(old).double()
+        self._clean_sum += torch.nan_to_num(new)
+        self._clean_count += torch.isfinite(new).double()
+        self._latest_clean[sample_id] = value
 
     def _losses(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_terms(self.loss_fn(pred, y), pred.shape[0])
@@ -307,4 +326,6 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         self._margins_per_epoch = list(state.get("margins_per_epoch", []))
         if "thresholds" in state:  # ξ as the run left it (it moves with xi_follows_model)
             self.condition.thresholds = torch.as_tensor(state["thresholds"], dtype=torch.float64)
-        self._latest_clean = dict(state.get("latest_clean", {}))
+        self._latest_clean, self._clean_sum, self._clean_count = {}, None, None
+        for sample_id, value in state.get("latest_clean", {}).items():
+            self._add_latest_clean(sample_id, value)
