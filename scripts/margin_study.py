@@ -38,7 +38,7 @@ from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.comparison import frontier, paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
 from amat_monai.workflows import calibrate  # noqa: E402
-from reproduce import PROTOCOLS, TASKS, Stages, study_folder  # noqa: E402
+from reproduce import PROTOCOLS, TASKS, Stages, ship_models, study_folder  # noqa: E402
 from reproduce import train_stage as reproduce_train_stage  # noqa: E402
 
 #: The AMAT margin study (``--experiment margins``): VAT's clean-vs-robust curve against AMAT arms, every arm
@@ -417,6 +417,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
         lines += [f"### PGD-{study['spot_check']['steps'][0]} spot check ({study['spot_check']['max_cases']} test cases)",
                   "", paper_table(list(spot.values()), list(spot)).markdown]
     best_vat_val = max(vat_val, key=lambda n: score(val[n])) if vat_val else None
+    study_json["best_vat_on_validation"] = best_vat_val
     pending = [f"test {n}" for n in val if n not in test]
     pending += [f"test-foreground {n}" for n in ("STD", best_vat_val, best_amat)
                 if task == "hippocampus" and n and n not in foreground]
@@ -438,3 +439,16 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.json", json.dumps(study_json, indent=2, default=float))
     atomic_write_text(results_dir / task / "MARGINS.md", "\n".join(lines))
+
+
+def ship_margin_study(task: str, work: Path, results_dir: Path, bundles: Path) -> None:
+    """Ship the study's choices (``--ship``): its best AMAT on validation as ``models/model.pt`` with the ξ it was
+    trained with, its STD and its best VAT on validation under ``models/baselines/``; only once all are tested."""
+    study = json.loads((results_dir / task / "margins" / "study.json").read_text())
+    amat, vat = study["best_amat_on_validation"], study.get("best_vat_on_validation")
+    missing = [n for n in (amat, vat, "STD") if not n or not (work / "test" / n / "robustness.json").is_file()]
+    if missing:
+        raise SystemExit(f"{task}: the margin study has no test evaluation of {missing} yet; run it before --ship")
+    level = amat.split("-", 2)[2] if amat.count("-") >= 2 else "mean"  # AMAT-<arm>[-<ξ level>]
+    ship_models(task, {name: work / "runs" / name / "models" / "model.pt" for name in ("STD", vat, amat)},
+                amat, vat, work / "xi" / level / "xi.json", bundles)

@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amat_monai.checkpoints import atomic_write_text, latest_checkpoint  # noqa: E402
+from amat_monai.checkpoints import atomic_write_text, file_sha256, latest_checkpoint  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.reporting import load_report, metric_tables  # noqa: E402
 from amat_monai.workflows import calibrate, train  # noqa: E402
@@ -439,9 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --experiment margins, ssat or detection: write the report from the stages on disk")
     parser.add_argument("--ship", action="store_true",
                         help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
-                             "models/baselines/")
+                             "models/baselines/ (with --experiment margins: the models the study chose on validation)")
     parser.add_argument("--bundles", default=str(ROOT / "bundles"), help="where --ship puts the models")
     args = parser.parse_args(argv)
+    if args.ship and args.experiment not in ("baseline", "margins"):
+        parser.error("--ship ships the baseline reproduction (--experiment baseline) or the margin study's choices")
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
     if args.experiment != "baseline":
@@ -453,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             report(task, args.protocol, out, results_md.parent / "results")
         rebuild_results(results_md, results_md.parent / "results")
         print(f"[reproduce] wrote {results_md}")
+        if args.ship:
+            from margin_study import ship_margin_study
+
+            for task in _defined(tasks, study, args.task, what):
+                ship_margin_study(task, out / f"{task}-margins", results_md.parent / "results", Path(args.bundles))
         return 0
     results = {}
     for task in tasks:
@@ -467,26 +474,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ship(task: str, work: Path, reports: dict[str, dict[str, Any]], bundles: Path) -> None:
-    """Put the weights (plain state dicts) where the bundle and MONAI Label look for them: the best AMAT run
-    (PGD + IFGSM averages) as ``model.pt``, STD and the best VAT under ``baselines/``."""
+    """Ship the baseline reproduction: its best AMAT run (PGD + IFGSM averages), STD and its best VAT."""
+    amat, vat = _best(reports, "AMAT"), _best(reports, "VAT")
+    ship_models(task, {name: work / "runs" / name / "models" / "model.pt" for name in ("STD", vat, amat)}, amat, vat,
+                work / "runs" / "STD" / "xi.json", bundles)
+
+
+def ship_models(task: str, sources: dict[str, Path], amat: str, vat: str, xi_file: Path, bundles: Path) -> None:
+    """Put the weights (plain state dicts) where the bundle and MONAI Label look for them: ``sources[amat]`` as
+    ``model.pt`` with ``xi_file`` (calibrated on ``sources["STD"]``) as ``xi.json``, STD and ``vat`` under
+    ``baselines/``. Each file is the evaluated one byte for byte (the sha256 of its robustness.json)."""
     models = bundles / TASKS[task]["bundle"] / "models"
+    xi = json.loads(xi_file.read_text())
+    if xi.get("checkpoint_sha256") != file_sha256(sources["STD"]):
+        raise ValueError(f"{xi_file} was not calibrated on {sources['STD']}")
     (models / "baselines").mkdir(parents=True, exist_ok=True)
-    best_vat = _best(reports, "VAT")
     for stale in (models / "baselines").glob("vat*.pt"):  # a VAT that was the best in an earlier run
         stale.unlink()
-    for name, target in ((_best(reports, "AMAT"), models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
-                         (best_vat, models / "baselines" / f"{best_vat.lower()}.pt")):
-        source = work / "runs" / name / "models" / "model.pt"
-        state = torch.load(source, map_location="cpu", weights_only=True)
+    for name, target in ((amat, models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
+                         (vat, models / "baselines" / f"{vat.lower()}.pt")):
+        state = torch.load(sources[name], map_location="cpu", weights_only=True)
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{source} is not a plain state dict")
-        # the evaluated file itself, byte for byte: its sha256 is the one in docs/results/<task>/<name>/robustness.json
+            raise ValueError(f"{sources[name]} is not a plain state dict")
         tmp = target.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
+        shutil.copyfile(sources[name], tmp)
         os.replace(tmp, target)
-    xi = json.loads((work / "runs" / "STD" / "xi.json").read_text())
     xi["checkpoint"] = "models/baselines/std.pt"  # the calibrated STD model, shipped (same sha256)
     atomic_write_text(models / "xi.json", json.dumps(xi, indent=2))
+    print(f"[reproduce] shipped {amat} (model.pt), STD and {vat} (baselines/) to {models}")
 
 
 if __name__ == "__main__":

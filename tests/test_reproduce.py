@@ -62,7 +62,7 @@ def test_reproduce_smoke_protocol_resumes_and_ships(tmp_path):
 
 def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     make_synthetic_decathlon(tmp_path / "data" / "Task04_Hippocampus", num_cases=10, seed=1)
-    _run(tmp_path, "--experiment", "margins")
+    _run(tmp_path, "--experiment", "margins", "--ship", "--bundles", str(tmp_path / "bundles"))
     work = tmp_path / "runs" / "hippocampus-margins"
     stages = json.loads((work / "stages.json").read_text())
     trained = [k.removeprefix("train ") for k in stages if k.startswith("train ")]
@@ -79,6 +79,17 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     results = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "AMAT margin study" in results and "The paper's claim for" in results
     assert (tmp_path / "docs" / "results" / "hippocampus" / "margins" / "pareto.png").is_file()
+    # --ship: the models chosen on validation, the evaluated files byte for byte, with the ξ AMAT trained with
+    models = tmp_path / "bundles" / "hippocampus_seg" / "models"
+    vat = study["best_vat_on_validation"]
+    for shipped, name in ((models / "model.pt", study["best_amat_on_validation"]), (models / "baselines" / "std.pt", "STD"),
+                          (models / "baselines" / f"{vat.lower()}.pt", vat)):
+        report = json.loads((work / "test" / name / "robustness.json").read_text())
+        assert file_sha256(shipped) == report["checkpoint_sha256"] == file_sha256(work / "runs" / name / "models" / "model.pt")
+    xi = json.loads((models / "xi.json").read_text())
+    assert xi["checkpoint"] == "models/baselines/std.pt" and xi["checkpoint_sha256"] == file_sha256(models / "baselines" / "std.pt")
+    level = "mean" if study["best_amat_on_validation"].count("-") == 1 else study["best_amat_on_validation"].split("-", 2)[2]
+    assert xi["metric"] == json.loads((work / "xi" / level / "xi.json").read_text())["metric"]
 
 
 def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):

@@ -20,6 +20,11 @@ SHIPPED = {"hippocampus": ("hippocampus_seg", 2), "ceph": ("ceph_landmarks", 3),
 WITH_DETECTORS = ("ceph", "hippocampus")
 
 
+def _evaluations(results: Path) -> list[Path]:
+    """The test-split robustness.json files: the baseline reproduction's and the margin study's."""
+    return [*results.glob("*/robustness.json"), *results.glob("margins/test/*/robustness.json")]
+
+
 def _shipped(task: str) -> tuple[Path, Path]:
     bundle = ROOT / "bundles" / SHIPPED[task][0]
     if not (bundle / "models" / "model.pt").is_file():
@@ -34,7 +39,7 @@ def test_shipped_weights_are_the_evaluated_ones(task):
     vats = sorted((models / "baselines").glob("vat*.pt"))
     assert len(vats) == 1, f"expected the best VAT model only in {models / 'baselines'}, found {vats}"
     # which evaluated run each shipped file is, found by the sha256 its robustness.json recorded
-    evaluated = {json.loads(f.read_text())["checkpoint_sha256"]: f.parent.name for f in results.glob("*/robustness.json")}
+    evaluated = {json.loads(f.read_text())["checkpoint_sha256"]: f.parent.name for f in _evaluations(results)}
     shipped = {path: evaluated.get(file_sha256(path)) for path in (models / "model.pt", models / "baselines" / "std.pt", vats[0])}
     assert (shipped[models / "model.pt"] or "").startswith("AMAT"), shipped
     assert shipped[models / "baselines" / "std.pt"] == "STD" and shipped[vats[0]] == vats[0].stem.upper(), shipped
@@ -55,7 +60,7 @@ def test_shipped_weights_are_the_evaluated_ones(task):
 @pytest.mark.parametrize("task", sorted(SHIPPED))
 def test_metadata_eval_metrics_are_the_shipped_models_numbers(task):
     bundle, results = _shipped(task)
-    reports = {json.loads(f.read_text())["checkpoint_sha256"]: json.loads(f.read_text()) for f in results.glob("*/robustness.json")}
+    reports = {json.loads(f.read_text())["checkpoint_sha256"]: json.loads(f.read_text()) for f in _evaluations(results)}
     report = reports[file_sha256(bundle / "models" / "model.pt")]
     metrics = json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"]
     clean, pgd, ifgsm = metrics.values()  # the clean metric, then the PGD and IFGSM averages
