@@ -151,7 +151,7 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
 
     models: dict[str, str] = {}
     models["STD"] = train_stage("STD", "std", {})
-    xi = {"mean": calibrate_stage("mean", {})}
+    xi = {"mean": calibrate_stage("mean", {"xi_metric_quantile": None})}  # the location + z·scale level
     for eps in study["vat_eps"]:
         models[f"VAT{eps:g}"] = train_stage(f"VAT{eps:g}", "vat", {"eps": eps})
     for arm, rule in study["arms"].items():

@@ -165,7 +165,7 @@ def test_amat_expands_a_margin_only_when_all_three_terms_are_under_xi(synthetic,
     xi_file = tmp_path / "xi.json"
     xi_file.write_text(json.dumps({"xi": xi}))
     p = train(BUNDLE, "amat", synthetic, tmp_path / "amat", epochs=1, attack_steps=2, xi_file=str(xi_file),
-              delta=0.3, amat_condition="terms", **{**TINY, "val_interval": 5})
+              delta=0.3, amat_condition="terms", amat_xi_follows_model=False, **{**TINY, "val_interval": 5})
     state = torch.load(next(Path(p["ckpt_dir"]).glob("checkpoint_epoch=*.pt")), weights_only=False)
     margins = state["adversarial"]["margins"]["margins"]
     assert len(margins) == 4
