@@ -152,7 +152,8 @@ def test_the_handler_adds_its_term_to_the_trainers_loss():
 def test_confidence_gating_leaves_uncertain_samples_out():
     handler = SemiSupervisedAdversarialHandler(TERMS, _pool(), ArgmaxPseudoLabel(), eps=0.5, batch_size=6,
                                                confidence_threshold=1.0)  # no softmax is certain
-    assert float(handler.unlabelled_loss(_net())) == 0.0 and handler.last["kept"] == 0.0
+    assert float(handler.unlabelled_loss(_net())) == 0.0
+    assert handler._epoch["kept"] == 0 and handler._epoch["seen"] == 6
 
 
 def test_resume_draws_the_batches_an_uninterrupted_run_draws():

@@ -151,7 +151,6 @@ class SemiSupervisedAdversarialHandler:
         self.draws = 0  # batches drawn in all
         self._batches = None
         self._epoch = {"loss": 0.0, "kept": 0, "seen": 0, "iterations": 0}
-        self.last: dict[str, float] = {}
         self.logger = logging.getLogger(__name__)
 
     # -- the unlabelled stream ----------------------------------------------------------------------------
@@ -232,14 +231,12 @@ class SemiSupervisedAdversarialHandler:
         stats["seen"] += x.shape[0]
         stats["kept"] += int(keep.sum())
         if not keep.any():
-            self.last = {"loss": 0.0, "kept": 0.0}
             return torch.zeros((), device=x.device)
         losses = per_sample_terms(self.loss_fn(network(x_adv[keep]), target[keep]), int(keep.sum())).sum(dim=1)
         if self.adaptive:
             self._update_margins(ids, radii, keep, losses.detach())
         added = self.weight * losses.mean()
         stats["loss"] += float(added)
-        self.last = {"loss": float(added), "kept": float(keep.float().mean())}
         return added
 
     def _pseudo_labels(self, network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
