@@ -391,10 +391,12 @@ def rebuild_results(path: Path, results_dir: Path) -> None:
                      "and one detector together (PGD on the task loss minus weight × that detector's score).", ""]
         for t, report in detection:  # not `path`: that is the file this writes
             sections += [f"### {TASKS[t]['title']}", "", report.read_text()]
+    from margin_study import claim_summary
+
     header = [
         "# Results on real data", "",
         "Each section was written by the command it names (`scripts/reproduce.py`); machine-readable numbers are in",
-        "`docs/results/<task>/`.", "",
+        "`docs/results/<task>/`.", "", *claim_summary(results_dir),
     ]
     atomic_write_text(path, "\n".join(header + sections))
 

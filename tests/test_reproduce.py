@@ -78,6 +78,9 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     assert len(history["epochs"]) == 1 and sum(history["epochs"][0]["outcomes"].values()) == len(history["samples"]["ids"])
     results = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "AMAT margin study" in results and "The paper's claim for" in results
+    claim_row = next(line for line in results.splitlines() if line.startswith("| hippocampus (dice) |"))
+    assert f"| {study['best_amat_on_validation']} | {study['best_vat_on_test']} |" in claim_row
+    assert ("**holds**" if study["claim_holds"] else "**does not hold**") in claim_row
     assert (tmp_path / "docs" / "results" / "hippocampus" / "margins" / "pareto.png").is_file()
     # --ship: the models chosen on validation, the evaluated files byte for byte, with the ξ AMAT trained with
     models = tmp_path / "bundles" / "hippocampus_seg" / "models"
