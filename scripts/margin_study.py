@@ -480,5 +480,6 @@ def ship_margin_study(task: str, work: Path, results_dir: Path, bundles: Path) -
     if missing:
         raise SystemExit(f"{task}: the margin study has no test evaluation of {missing} yet; run it before --ship")
     level = amat.split("-", 2)[2] if amat.count("-") >= 2 else "mean"  # AMAT-<arm>[-<ξ level>]
+    evaluated = {n: load_report(work / "test" / n / "robustness.json")["checkpoint_sha256"] for n in ("STD", vat, amat)}
     ship_models(task, {name: work / "runs" / name / "models" / "model.pt" for name in ("STD", vat, amat)},
-                amat, vat, work / "xi" / level / "xi.json", bundles)
+                amat, vat, work / "xi" / level / "xi.json", bundles, evaluated)

@@ -483,14 +483,19 @@ def ship(task: str, work: Path, reports: dict[str, dict[str, Any]], bundles: Pat
     """Ship the baseline reproduction: its best AMAT run (PGD + IFGSM averages), STD and its best VAT."""
     amat, vat = _best(reports, "AMAT"), _best(reports, "VAT")
     ship_models(task, {name: work / "runs" / name / "models" / "model.pt" for name in ("STD", vat, amat)}, amat, vat,
-                work / "runs" / "STD" / "xi.json", bundles)
+                work / "runs" / "STD" / "xi.json", bundles, {n: reports[n]["checkpoint_sha256"] for n in ("STD", vat, amat)})
 
 
-def ship_models(task: str, sources: dict[str, Path], amat: str, vat: str, xi_file: Path, bundles: Path) -> None:
+def ship_models(task: str, sources: dict[str, Path], amat: str, vat: str, xi_file: Path, bundles: Path,
+                evaluated: dict[str, str]) -> None:
     """Put the weights (plain state dicts) where the bundle and MONAI Label look for them: ``sources[amat]`` as
     ``model.pt`` with ``xi_file`` (calibrated on ``sources["STD"]``) as ``xi.json``, STD and ``vat`` under
-    ``baselines/``. Each file is the evaluated one byte for byte (the sha256 of its robustness.json)."""
+    ``baselines/``. Each file must be the evaluated one byte for byte (``evaluated``: name -> the sha256 its
+    robustness.json recorded); nothing is copied otherwise."""
     models = bundles / TASKS[task]["bundle"] / "models"
+    for name, sha in evaluated.items():
+        if file_sha256(sources[name]) != sha:
+            raise ValueError(f"{sources[name]} is not the file whose evaluation is reported ({name}: sha256 {sha})")
     xi = json.loads(xi_file.read_text())
     if xi.get("checkpoint_sha256") != file_sha256(sources["STD"]):
         raise ValueError(f"{xi_file} was not calibrated on {sources['STD']}")
