@@ -236,30 +236,35 @@ def _plots(out: Path, test: dict[str, dict[str, Any]], order: list[str], history
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    curve = [n for n in order if n in test and (n == "STD" or n.startswith("VAT"))]
+    arms = [n for n in order if n in test and n.startswith("AMAT")]
+    higher = next(iter(test.values()))["higher_is_better"]
+    metric = next(iter(test.values()))["metric"]
+    point = {n: (test[n]["clean"], test[n]["averages"]["pgd"]) for n in curve + arms}
+    # left: every model; right: the adversarial arms only, where VAT's and AMAT's points sit close together
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     try:
-        curve = [n for n in order if n in test and (n == "STD" or n.startswith("VAT"))]
-        higher = next(iter(test.values()))["higher_is_better"]
-        line = frontier([(test[n]["clean"], test[n]["averages"]["pgd"]) for n in curve], higher)
-        ax.plot(*zip(*line), "-", color="C0", label="VAT's frontier")
-        ax.plot([test[n]["clean"] for n in curve], [test[n]["averages"]["pgd"] for n in curve], "o", color="C0",
-                label="STD, VAT_ε")
-        arms = [n for n in order if n in test and n.startswith("AMAT")]
-        if best_amat:
-            arm = best_amat.split("-")[1]
-            own = sorted((n for n in arms if n.split("-")[1] == arm), key=lambda n: test[n]["clean"])
-            ax.plot([test[n]["clean"] for n in own], [test[n]["averages"]["pgd"] for n in own], "-s",
-                    label=f"AMAT-{arm} at three ξ levels")
-        for n in curve + arms:
-            ax.annotate(n, (test[n]["clean"], test[n]["averages"]["pgd"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.scatter([test[n]["clean"] for n in arms], [test[n]["averages"]["pgd"] for n in arms], marker="x",
-                   color="k", label="AMAT arms", zorder=3)
-        metric = next(iter(test.values()))["metric"]
-        ax.set_xlabel(f"clean {metric}")
-        ax.set_ylabel(f"PGD average {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, names in zip(axes, (curve + arms, [n for n in curve + arms if n != "STD"])):
+            ax.plot(*zip(*frontier([point[n] for n in curve], higher)), "-", color="C0", label="VAT's frontier")
+            ax.plot(*zip(*(point[n] for n in curve)), "o", color="C0", label="STD, VAT_ε")
+            if best_amat:
+                arm = best_amat.split("-")[1]
+                own = sorted((n for n in arms if n.split("-")[1] == arm), key=lambda n: point[n][0])
+                ax.plot(*zip(*(point[n] for n in own)), "-s", color="C1", label=f"AMAT-{arm} at its ξ levels")
+            if arms:
+                ax.scatter(*zip(*(point[n] for n in arms)), marker="x", color="k", label="AMAT arms", zorder=3)
+            for n in names:
+                ax.annotate(n, point[n], fontsize=7, xytext=(3, 3), textcoords="offset points")
+            xs, ys = zip(*(point[n] for n in names))
+            pad_x, pad_y = 0.1 * (max(xs) - min(xs)) or 0.01, 0.1 * (max(ys) - min(ys)) or 0.01
+            ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+            ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+            ax.set_xlabel(f"clean {metric}")
+            ax.set_ylabel(f"PGD average {metric}")
+            ax.grid(alpha=0.3)
+        axes[0].set_title("all models", fontsize=9)
+        axes[1].set_title("adversarially trained models", fontsize=9)
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         save_figure(fig, out / "pareto.png")
     finally:
