@@ -214,6 +214,13 @@ def _fmt(d: dict[str, float], digits: int) -> str:
     return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
+def _against_curve(gap: dict[str, float]) -> str | None:
+    """Where AMAT lies against VAT's curve from the bootstrap interval of its gap (None: outside its clean range)."""
+    if not np.isfinite(gap["estimate"]):
+        return None
+    return "above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on"
+
+
 def _fair_chance(history: dict[str, Any], eps: float) -> dict[str, Any]:
     """The chosen arm's margins against the best VAT's ε: time-averaged training radius and the floor."""
     samples = history["samples"]
@@ -242,15 +249,21 @@ def _plots(out: Path, test: dict[str, dict[str, Any]], order: list[str], history
     metric = next(iter(test.values()))["metric"]
     point = {n: (test[n]["clean"], test[n]["averages"]["pgd"]) for n in curve + arms}
     # left: every model; right: the adversarial arms only, where VAT's and AMAT's points sit close together
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = [p for p in (curve + arms, [n for n in curve + arms if n != "STD"]) if p]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    axes = axes[0]
     try:
-        for ax, names in zip(axes, (curve + arms, [n for n in curve + arms if n != "STD"])):
-            ax.plot(*zip(*frontier([point[n] for n in curve], higher)), "-", color="C0", label="VAT's frontier")
-            ax.plot(*zip(*(point[n] for n in curve)), "o", color="C0", label="STD, VAT_ε")
-            if best_amat:
-                arm = best_amat.split("-")[1]
-                own = sorted((n for n in arms if n.split("-")[1] == arm), key=lambda n: point[n][0])
-                ax.plot(*zip(*(point[n] for n in own)), "-s", color="C1", label=f"AMAT-{arm} at its ξ levels")
+        for ax, names in zip(axes, panels):
+            if curve:
+                ax.plot(*zip(*frontier([point[n] for n in curve], higher)), "-", color="C0", label="VAT's frontier")
+                ax.plot(*zip(*(point[n] for n in curve)), "o", color="C0", label="STD, VAT_ε")
+            own = sorted((n for n in arms if best_amat and n.split("-")[1] == best_amat.split("-")[1]),
+                         key=lambda n: point[n][0])
+            if own:
+                ax.plot(*zip(*(point[n] for n in own)), "-s", color="C1",
+                        label=f"AMAT-{best_amat.split('-')[1]} at its ξ levels")
             if arms:
                 ax.scatter(*zip(*(point[n] for n in arms)), marker="x", color="k", label="AMAT arms", zorder=3)
             for n in names:
@@ -262,8 +275,8 @@ def _plots(out: Path, test: dict[str, dict[str, Any]], order: list[str], history
             ax.set_xlabel(f"clean {metric}")
             ax.set_ylabel(f"PGD average {metric}")
             ax.grid(alpha=0.3)
-        axes[0].set_title("all models", fontsize=9)
-        axes[1].set_title("adversarially trained models", fontsize=9)
+        for ax, title in zip(axes, ("all models", "adversarially trained models")):
+            ax.set_title(title, fontsize=9)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         save_figure(fig, out / "pareto.png")
@@ -384,7 +397,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   f"(difference {clean_gap:+.{digits}f})"]
         if not holds:
             gap = c["curve_pgd"]
-            where = ("above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on") if np.isfinite(gap["estimate"]) else "outside the clean range of"
+            where = _against_curve(gap) or "outside the clean range of"
             lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it "
                          f"(PGD avg gap {_fmt(gap, digits) if np.isfinite(gap['estimate']) else 'n/a'}).")
         lines.append("")
@@ -458,21 +471,22 @@ def claim_summary(results_dir: Path) -> list[str]:
         test = {n: load_report(results_dir / task / "margins" / "test" / n / "robustness.json") for n in (amat, "STD")}
         digits = 4 if test["STD"]["higher_is_better"] else 2
         c, fair = study["comparisons"][amat], study.get("fair_chance", {})
-        gap = c["curve_pgd"]
-        where = ("above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on") if np.isfinite(gap["estimate"]) else "outside"
+        gap, sign = c["curve_pgd"], 1.0 if test["STD"]["higher_is_better"] else -1.0
+        where = _against_curve(gap)
         rows.append(f"| {task} ({test['STD']['metric']}) | {amat} | {vat} | {_fmt(c['pgd'], digits)} | {_fmt(c['ifgsm'], digits)} | "
-                    f"{test[amat]['clean'] - test['STD']['clean']:+.{digits}f} | "
-                    f"**{'holds' if study['claim_holds'] else 'does not hold'}** | {where} ({_fmt(gap, digits)}) | "
-                    f"{'passes' if fair.get('passes') else 'fails'} |")
+                    f"{sign * (test[amat]['clean'] - test['STD']['clean']):+.{digits}f} | "
+                    f"**{'holds' if study['claim_holds'] else 'does not hold'}** | "
+                    f"{f'{where} ({_fmt(gap, digits)})' if where else 'n/a (outside its clean range)'} | "
+                    f"{'n/a' if 'passes' not in fair else 'passes' if fair['passes'] else 'fails'} |")
     if not rows:
         return []
     return ["## The paper's AMAT claim, per task (margin studies)", "",
             "AMAT chosen on the validation split, evaluated once on test, against the best VAT on test; paired "
-            "bootstrap 95 % intervals over test cases, positive = AMAT better. The claim: PGD and IFGSM averages "
+            "bootstrap 95 % intervals over test cases; in every column positive = AMAT better. The claim: PGD and IFGSM averages "
             "above the best VAT's with the interval excluding 0, clean within 0.02 Dice / 0.3 mm of STD. The curve "
             "column places AMAT against VAT's clean-vs-robust frontier at AMAT's clean value (PGD avg gap). Details "
             "and commands: each task's margin study below.", "",
-            "| task | AMAT (validation choice) | best VAT | PGD avg − best VAT | IFGSM avg − best VAT | clean − STD | "
+            "| task | AMAT (validation choice) | best VAT | PGD avg vs best VAT | IFGSM avg vs best VAT | clean vs STD | "
             "claim | against VAT's curve | margins' fair chance |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from amat_monai.attack_detection import detector_paths  # noqa: E402
 from amat_monai.checkpoints import atomic_write_text, file_sha256, latest_checkpoint  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.reporting import load_report, metric_tables  # noqa: E402
@@ -92,7 +93,8 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 
 #: per protocol and task: ``common`` overrides (training and calibration), ``std`` / ``adversarial`` training overrides, ``amat`` overrides, calibration ``z``
-#: (None: the bundle's), ``fine_tune`` (adversarial runs start from the STD weights) and evaluation options
+#: (None: the bundle's) and other ``calibrate`` overrides, ``fine_tune`` (adversarial runs start from the STD weights)
+#: and evaluation options. The ``paper`` protocol trains AMAT with the bundles' defaults (the margin studies' rules).
 PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         task: {"common": {}, "std": {}, "adversarial": {}, "amat": {}, "z": None, "fine_tune": False,
@@ -110,6 +112,7 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
             # study's choice)
             "amat": {"delta": 2.5, "amat_condition": "terms", "amat_boundary": "bisect", "amat_bisect_steps": 5,
                      "amat_shrink": "halfway"},
+            "calibrate": {"xi_metric_quantile": None},
             "z": None, "fine_tune": True,
             "evaluate": {"steps": [20, 10], "override": ["robust_slices=\"all_classes\""]},
         },
@@ -283,7 +286,7 @@ def run_task(task: str, protocol: str, data_dir: Path, out: Path, device: str | 
             xi_file = stages.run(
                 "calibrate", str(run_dir / "xi.json"),
                 lambda: calibrate(bundle, dataset, run_dir, models["STD"], z=settings["z"], device=device,
-                                  max_cases=max_cases, **settings["common"]),
+                                  max_cases=max_cases, **settings["common"], **settings.get("calibrate", {})),
             )
 
     reports = {}
@@ -500,8 +503,9 @@ def ship_models(task: str, sources: dict[str, Path], amat: str, vat: str, xi_fil
     if xi.get("checkpoint_sha256") != file_sha256(sources["STD"]):
         raise ValueError(f"{xi_file} was not calibrated on {sources['STD']}")
     (models / "baselines").mkdir(parents=True, exist_ok=True)
-    for stale in (models / "baselines").glob("vat*.pt"):  # a VAT that was the best in an earlier run
-        stale.unlink()
+    for stale in (models / "baselines").glob("vat*"):  # a VAT that was the best in an earlier run, its detector
+        if not stale.name.startswith(f"{vat.lower()}."):
+            stale.unlink()
     for name, target in ((amat, models / "model.pt"), ("STD", models / "baselines" / "std.pt"),
                          (vat, models / "baselines" / f"{vat.lower()}.pt")):
         state = torch.load(sources[name], map_location="cpu", weights_only=True)
@@ -510,6 +514,10 @@ def ship_models(task: str, sources: dict[str, Path], amat: str, vat: str, xi_fil
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(sources[name], tmp)
         os.replace(tmp, target)
+        npz, js = detector_paths(target)  # a detector of the weights just replaced: refit with --experiment detection
+        if js.is_file() and json.loads(js.read_text()).get("checkpoint_sha256") != evaluated[name]:
+            npz.unlink(missing_ok=True)
+            js.unlink()
     xi["checkpoint"] = "models/baselines/std.pt"  # the calibrated STD model, shipped (same sha256)
     atomic_write_text(models / "xi.json", json.dumps(xi, indent=2))
     print(f"[reproduce] shipped {amat} (model.pt), STD and {vat} (baselines/) to {models}")

@@ -276,3 +276,6 @@ def test_followed_xi_counts_each_samples_latest_value_once():
     for h in (handler, resumed):  # "a" revisited: its new values replace the old ones
         h._follow_model(["a"], torch.tensor([[0.6, 0.3]]))
         assert h.condition.thresholds.tolist() == pytest.approx([0.3 + 0.5 - 0.25, 0.1 + 0.3 - 0.05])
+    # "b" revisited with a defined ce and an infinite dice: the ce now averages a and b, the infinite value is left out
+    handler._follow_model(["b"], torch.tensor([[float("inf"), 0.1]]))
+    assert handler.condition.thresholds.tolist() == pytest.approx([0.3 + 0.6 - 0.25, 0.1 + 0.2 - 0.05])

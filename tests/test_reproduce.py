@@ -62,6 +62,11 @@ def test_reproduce_smoke_protocol_resumes_and_ships(tmp_path):
 
 def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     make_synthetic_decathlon(tmp_path / "data" / "Task04_Hippocampus", num_cases=10, seed=1)
+    earlier = tmp_path / "bundles" / "hippocampus_seg" / "models"  # what an earlier --ship left
+    (earlier / "baselines").mkdir(parents=True)
+    (earlier / "detector.json").write_text(json.dumps({"checkpoint_sha256": "of the earlier model.pt"}))
+    (earlier / "detector.npz").write_text("")
+    (earlier / "baselines" / "vat99.pt").write_text("")
     _run(tmp_path, "--experiment", "margins", "--ship", "--bundles", str(tmp_path / "bundles"))
     work = tmp_path / "runs" / "hippocampus-margins"
     stages = json.loads((work / "stages.json").read_text())
@@ -89,6 +94,7 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
                           (models / "baselines" / f"{vat.lower()}.pt", vat)):
         report = json.loads((work / "test" / name / "robustness.json").read_text())
         assert file_sha256(shipped) == report["checkpoint_sha256"] == file_sha256(work / "runs" / name / "models" / "model.pt")
+    assert not any((earlier / f).exists() for f in ("detector.json", "detector.npz", "baselines/vat99.pt"))  # stale
     xi = json.loads((models / "xi.json").read_text())
     assert xi["checkpoint"] == "models/baselines/std.pt" and xi["checkpoint_sha256"] == file_sha256(models / "baselines" / "std.pt")
     level = "mean" if study["best_amat_on_validation"].count("-") == 1 else study["best_amat_on_validation"].split("-", 2)[2]

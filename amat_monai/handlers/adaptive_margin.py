@@ -215,7 +215,7 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         """``ξ = ξ_cal + (mean latest clean badness − the calibrated model's mean)`` (``xi_follows_model``).
 
         The mean is kept as a running sum and count of each sample's latest value, so an update costs the batch,
-        not the dataset; a metric can be undefined on a sample (NaN), which the sums skip.
+        not the dataset; a metric can be undefined on a sample (NaN), which the sums skip, as they skip ±inf.
         """
         values = clean_badness.double().reshape(len(ids), -1).cpu().tolist()
         for rank_ids, rank_values in all_gather_objects((list(ids), values)):  # every rank's visits
@@ -232,9 +232,9 @@ class AdaptiveMarginHandler(AdversarialTrainingHandler):
         old = self._latest_clean.get(sample_id)
         if old is not None:
             old = torch.tensor(old, dtype=torch.float64)
-            self._clean_sum -= torch.nan_to_num(old)
+            self._clean_sum -= torch.where(torch.isfinite(old), old, 0.0)
             self._clean_count -= torch.isfinite(old).double()
-        self._clean_sum += torch.nan_to_num(new)
+        self._clean_sum += torch.where(torch.isfinite(new), new, 0.0)  # an undefined (NaN) or infinite value is left out
         self._clean_count += torch.isfinite(new).double()
         self._latest_clean[sample_id] = value
 
