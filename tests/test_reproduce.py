@@ -71,7 +71,8 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     work = tmp_path / "runs" / "hippocampus-margins"
     stages = json.loads((work / "stages.json").read_text())
     trained = [k.removeprefix("train ") for k in stages if k.startswith("train ")]
-    assert trained[:6] == ["STD", "VAT5", "VAT10", "AMAT-A", "AMAT-B", "AMAT-C"] and len(trained) == 7
+    assert trained[:6] == ["STD", "VAT5", "VAT10", "AMAT-A", "AMAT-B", "AMAT-C"] and len(trained) == 8
+    assert trained[7].endswith("-reach")  # the best of the others with the larger Δ
     assert {f"validate {m}" for m in trained} | {f"test {m}" for m in trained} <= set(stages)
     study = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "margins" / "study.json").read_text())
     assert study["best_amat_on_validation"] in trained and study["best_vat_on_test"] in ("VAT5", "VAT10")
@@ -97,8 +98,8 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     assert not any((earlier / f).exists() for f in ("detector.json", "detector.npz", "baselines/vat99.pt"))  # stale
     xi = json.loads((models / "xi.json").read_text())
     assert xi["checkpoint"] == "models/baselines/std.pt" and xi["checkpoint_sha256"] == file_sha256(models / "baselines" / "std.pt")
-    level = "mean" if study["best_amat_on_validation"].count("-") == 1 else study["best_amat_on_validation"].split("-", 2)[2]
-    assert xi["metric"] == json.loads((work / "xi" / level / "xi.json").read_text())["metric"]
+    trained_with = json.loads((work / "runs" / study["best_amat_on_validation"] / "run.json").read_text())["identity"]
+    assert xi["metric"] == json.loads(Path(trained_with["xi_file"]).read_text())["metric"]
 
 
 def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
