@@ -194,8 +194,8 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
                   f"- clean change {-clean_loss:+.{digits}f}", ""]
         summary.update({"checks": checks, "holds": holds, "gain": gain, "seed_spread": spread, "gap_to_100": gap})
     if stages:
-        lines += ["Wall time per stage (one thread each; the stages shared the 2 cores with other jobs, and a time "
-                  "includes any pause of its process, so these overstate the cost):", "", "| stage | minutes |", "|---|---|"]
+        lines += ["Wall time per stage (one thread each; a stage's time is its process's wall time, so it also counts "
+                  "time spent sharing the cores with other jobs or paused):", "", "| stage | minutes |", "|---|---|"]
         lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in stages.items()]
         lines.append("")
         summary["stage_seconds"] = {k: v["seconds"] for k, v in stages.items()}
