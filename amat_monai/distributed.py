@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -346,9 +347,23 @@ def launch(
             json.dump(args, f, indent=2, default=str)
         cmd = build_launch_command(args_file, nproc)
         logger.info("launching: " + " ".join(cmd))
-        result = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False)
-    if check and result.returncode != 0:
+        returncode, tail = _run_teeing_output(cmd, {**os.environ, **(env or {})})
+    if check and returncode != 0:
         raise RuntimeError(
-            f"distributed run of {files} on {nproc} processes failed with exit status {result.returncode}"
+            f"distributed run of {files} on {nproc} processes failed with exit status {returncode}; the last lines "
+            "it printed:\n" + "".join(tail)
         )
-    return result.returncode
+    return returncode
+
+
+def _run_teeing_output(cmd: list[str], env: Mapping[str, str], keep: int = 60) -> tuple[int, list[str]]:
+    """Run ``cmd``, passing its output (stdout and stderr, merged) on to this process's stderr as it comes; returns
+    its exit status and the last ``keep`` lines, so that a failure can say why (a captured test log is cut)."""
+    tail: deque[str] = deque(maxlen=keep)
+    with subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail.append(line)
+    return proc.returncode, list(tail)

@@ -7,7 +7,7 @@ bundle's loss takes as its label, and a confidence ``[B]`` in [0, 1] by which lo
 out.
 
 * :class:`ArgmaxPseudoLabel` (segmentation): the argmax map ``[B, 1, H, W]``; confidence, the mean over pixels
-  of the highest class probability.
+  (all of them, or those predicted as foreground) of the highest class probability.
 * :class:`LandmarkPseudoLabel` (heatmap + offset landmarks): the decoded landmarks, encoded again as heatmap and
   offset targets ``[B, 3K, H, W]`` (:func:`amat_monai.landmarks.landmark_targets`); confidence, the mean over
   landmarks of the heatmap's peak probability.
@@ -25,7 +25,19 @@ __all__ = ["ArgmaxPseudoLabel", "LandmarkPseudoLabel", "DetectionPseudoLabel"]
 
 
 class ArgmaxPseudoLabel:
-    """Segmentation pseudo-labels: the argmax over classes of the logits ``[B, C, H, W]`` -> ``[B, 1, H, W]``."""
+    """Segmentation pseudo-labels: the argmax over classes of the logits ``[B, C, H, W]`` -> ``[B, 1, H, W]``.
+
+    Args:
+        confidence_over: ``"all"``: the confidence is the mean highest class probability over every pixel;
+            ``"foreground"``: over the pixels predicted as foreground (class > 0) only, and 0 for a slice predicted
+            as background alone. With a confidence threshold this keeps the unlabelled slices that show the
+            structures (most slices of a scan show none, and a label-free pool cannot pick them out otherwise).
+    """
+
+    def __init__(self, confidence_over: str = "all") -> None:
+        if confidence_over not in ("all", "foreground"):
+            raise ValueError(f"confidence_over must be 'all' or 'foreground', got {confidence_over!r}")
+        self.confidence_over = confidence_over
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +45,11 @@ class ArgmaxPseudoLabel:
             raise ValueError(f"segmentation logits must be [B, C, ...], got {tuple(pred.shape)}")
         prob = torch.softmax(pred.float(), dim=1)
         top, label = prob.max(dim=1, keepdim=True)
-        return label.long(), top.flatten(1).mean(dim=1)
+        if self.confidence_over == "all":
+            return label.long(), top.flatten(1).mean(dim=1)
+        foreground = (label > 0).flatten(1).float()
+        confidence = (top.flatten(1) * foreground).sum(dim=1) / foreground.sum(dim=1).clamp(min=1.0)
+        return label.long(), confidence
 
 
 class LandmarkPseudoLabel:

@@ -18,13 +18,14 @@ training continues from its checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from amat_monai.checkpoints import atomic_write_text  # noqa: E402
+from amat_monai.checkpoints import atomic_write_text, file_sha256  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
 from amat_monai.comparison import frontier, paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
@@ -101,19 +102,21 @@ def study_settings(task: str, protocol: str) -> dict[str, Any]:
     return {**MARGIN_STUDY[task], **(SMOKE_STUDY if protocol == "smoke" else {})}
 
 
-def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, model: str, eval_dir: Path,
-                    eps: list[float], steps: list[int], overrides: list[str], device: str | None,
+def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, model: str | Callable[[], str],
+                    eval_dir: Path, eps: list[float], steps: list[int], overrides: list[str], device: str | None,
                     max_cases: int | None = None) -> dict[str, Any]:
-    """One ``amat-monai evaluate`` run as a resumable stage; returns its report."""
-    argv = ["evaluate", "--bundle", str(bundle), "--dataset-dir", str(dataset), "--checkpoint", model,
-            "--output-dir", str(eval_dir), "--attacks", "pgd,ifgsm", "--eps", ",".join(f"{e:g}" for e in eps),
-            "--steps", ",".join(str(s) for s in steps)]
-    argv += ["--max-cases", str(max_cases)] if max_cases else []
-    argv += ["--device", device] if device else []
-    for item in overrides:
-        argv += ["--override", item]
+    """One ``amat-monai evaluate`` run as a resumable stage of the weights ``model`` (a path, or a function that
+    returns one: a model trained only if the stage must run); returns its report."""
 
     def evaluate() -> str:
+        checkpoint = model() if callable(model) else model
+        argv = ["evaluate", "--bundle", str(bundle), "--dataset-dir", str(dataset), "--checkpoint", checkpoint,
+                "--output-dir", str(eval_dir), "--attacks", "pgd,ifgsm", "--eps", ",".join(f"{e:g}" for e in eps),
+                "--steps", ",".join(str(s) for s in steps)]
+        argv += ["--max-cases", str(max_cases)] if max_cases else []
+        argv += ["--device", device] if device else []
+        for item in overrides:
+            argv += ["--override", item]
         if cli_main(argv) != 0:
             raise RuntimeError(f"{label} failed (amat-monai {' '.join(argv)})")
         return str(eval_dir / "robustness.json")
@@ -133,9 +136,12 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
     bundle, dataset, work, stages = study_folder(task, data_dir, out, "-margins")
     ev = settings["evaluate"]
 
-    def train_stage(name: str, method: str, extra: dict[str, Any]) -> str:
-        return reproduce_train_stage(stages, work, name, bundle, method, dataset, settings, device,
-                                     models.get("STD"), extra)
+    def train_stage(name: str, method: str, extra: dict[str, Any]) -> Callable[[], str]:
+        """The weights of ``name``, trained as a stage when first asked for: a model whose evaluations are all
+        done (e.g. restored with ``--restore``) is not trained again."""
+        return functools.cache(lambda: reproduce_train_stage(
+            stages, work, name, bundle, method, dataset, settings, device,
+            models["STD"]() if method != "std" else None, extra))
 
     def calibrate_stage(label: str, level: dict[str, Any]) -> str:
         out_dir = work / "xi" / label
@@ -144,7 +150,7 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         # hippocampus training writes its random split next to the model; the ISBI splits are fixed files
         split = work / "runs" / "STD" / "split.json"
         return stages.run(f"calibrate {label}", str(out_dir / "xi.json"), lambda: calibrate(
-            bundle, dataset, out_dir, models["STD"], device=device, **({"split_file": str(split)} if split.is_file() else {}),
+            bundle, dataset, out_dir, models["STD"](), device=device, **({"split_file": str(split)} if split.is_file() else {}),
             delta=study["amat"]["delta"], **({"attack_steps": steps} if steps else {}), **settings["common"], **level))
 
     max_cases = {split: study.get("max_cases", {}).get(split, ev.get("max_cases")) for split in ("validate", "test")}
@@ -154,12 +160,14 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
                                spec["eps"], ev["steps"], [*ev.get("override", []), *study["validate"]], device,
                                max_cases=max_cases["validate"])
 
-    models: dict[str, str] = {}
+    models: dict[str, Callable[[], str]] = {}
     models["STD"] = train_stage("STD", "std", {})
     xi = {"mean": calibrate_stage("mean", {"xi_metric_quantile": None})}  # the location + z·scale level
     for eps in study["vat_eps"]:
         models[f"VAT{eps:g}"] = train_stage(f"VAT{eps:g}", "vat", {"eps": eps})
+    xi_of: dict[str, str] = {}  # the ξ file each AMAT model trains with
     for arm, rule in study["arms"].items():
+        xi_of[f"AMAT-{arm}"] = xi["mean"]
         models[f"AMAT-{arm}"] = train_stage(f"AMAT-{arm}", "amat", {**study["amat"], **rule, "xi_file": xi["mean"]})
     val = {name: validate(name) for name in list(models)}
     best_arm = max(study["arms"], key=lambda a: _robust_score(val[f"AMAT-{a}"]))
@@ -167,11 +175,12 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         label = "-".join(f"{k.removeprefix('xi_').removeprefix('metric_')}{v:g}" for k, v in level.items())
         xi[label] = calibrate_stage(label, level)
         name = f"AMAT-{best_arm}-{label}"
+        xi_of[name] = xi[label]
         models[name] = train_stage(name, "amat", {**study["amat"], **study["arms"][best_arm], "xi_file": xi[label]})
         val[name] = validate(name)
     if "reach" in study:  # the best so far with a larger Δ, so that its margins can reach VAT's ε in the budget
         best = max((n for n in models if n.startswith("AMAT")), key=lambda n: _robust_score(val[n]))
-        rule = {**study["amat"], **study["arms"][best.split("-")[1]], **study["reach"], "xi_file": study_xi_file(work, best)}
+        rule = {**study["amat"], **study["arms"][best.split("-")[1]], **study["reach"], "xi_file": xi_of[best]}
         models[f"{best}-reach"] = train_stage(f"{best}-reach", "amat", rule)
         val[f"{best}-reach"] = validate(f"{best}-reach")
     test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
@@ -367,14 +376,22 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     if test:
         lines += ["### Test split (evaluated once)", "", paper_table(list(test.values()), list(test)).markdown]
     vat_test = [n for n in test if n.startswith("VAT")]
+    comparisons: dict[str, Any] = {}
     if best_amat in test and vat_test and "STD" in test:
         best_vat = max(vat_test, key=lambda n: score(test[n]))  # the strongest comparator, on test itself
         metric, case_key = ("dice", "case") if task == "hippocampus" else (test["STD"]["metric"], "sample_id")
-        scores = {n: read_case_scores(work / "test" / n / "robustness.csv", metric, case_key, higher) for n in test}
-        curve = ["STD", *vat_test]
-        comparisons = {n: paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
-                       for n in test if n.startswith("AMAT")}
-        n_cases = len(scores["STD"].cases)
+        csvs = {n: work / "test" / n / "robustness.csv" for n in test}
+        scores = {n: read_case_scores(f, metric, case_key, higher) for n, f in csvs.items() if f.is_file()}
+        curve = ["STD", *vat_test] if all(n in scores for n in ["STD", *vat_test]) else []
+        committed = _restored(work).get("study", {})
+        kept = committed.get("comparisons", {}) if committed.get("best_vat_on_test") == best_vat else {}
+        carried: list[str] = []
+        for n in (n for n in test if n.startswith("AMAT")):
+            if n in scores and best_vat in scores:
+                comparisons[n] = paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
+            elif n in kept:  # a restored study without this model's per-case scores: its committed comparison
+                comparisons[n], carried = kept[n], [*carried, n]
+        n_cases = len(scores["STD"].cases) if "STD" in scores else committed.get("n_test_cases")
         lines += [f"### AMAT against the best VAT ({best_vat}, the best on test) and against VAT's curve", "",
                   f"Paired bootstrap over the {n_cases} test cases ({resamples} resamples), 95 % intervals; "
                   "positive means AMAT is better. The curve is VAT's frontier: the line, in clean order, through "
@@ -385,9 +402,16 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   "| model | clean − best VAT | PGD avg − best VAT | IFGSM avg − best VAT | PGD avg − curve | IFGSM avg − curve |",
                   "|---|---|---|---|---|---|"]
         for n, c in comparisons.items():
-            cells = [_fmt(c[k], digits) if np.isfinite(c[k]["estimate"]) else "" for k in
+            cells = [_fmt(c[k], digits) if k in c and np.isfinite(c[k]["estimate"]) else "" for k in
                      ("clean", "pgd", "ifgsm", "curve_pgd", "curve_ifgsm")]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        missing = [n for n in ["STD", *vat_test] if n not in scores]
+        if missing:
+            lines += ["", f"This study was restored from its committed results (`--restore`), which keep no per-case "
+                      f"scores, and the weights of {', '.join(missing)} were not shipped: "
+                      + (f"the rows of {', '.join(carried)} are the committed ones; " if carried else "")
+                      + "the curve gaps of the models tested since are left blank."]
+    if best_amat in comparisons:
         c = comparisons[best_amat]
         tol = 0.02 if higher else 0.3
         clean_gap = test[best_amat]["clean"] - test["STD"]["clean"]
@@ -405,7 +429,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   f"{test[best_vat]['averages']['ifgsm']:.{digits}f}: difference {_fmt(c['ifgsm'], digits)}",
                   f"- clean {test[best_amat]['clean']:.{digits}f} vs STD {test['STD']['clean']:.{digits}f} "
                   f"(difference {clean_gap:+.{digits}f})"]
-        if not holds:
+        if not holds and "curve_pgd" in c:
             gap = c["curve_pgd"]
             where = _against_curve(gap) or "outside the clean range of"
             lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it "
@@ -414,12 +438,16 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
         study_json.update({"best_vat_on_test": best_vat, "comparisons": comparisons, "claims": claims,
                            "claim_holds": holds, "n_test_cases": n_cases})
 
-    history = None
+    history, fair = None, None
+    committed = _restored(work).get("study", {})
+    best_vat = study_json.get("best_vat_on_test") or (max(vat_val, key=lambda n: score(val[n])) if vat_val else None)
     if best_amat and (work / "runs" / best_amat / "margins.json").is_file():
         history = json.loads((work / "runs" / best_amat / "margins.json").read_text())
-        best_vat = study_json.get("best_vat_on_test") or (max(vat_val, key=lambda n: score(val[n])) if vat_val else None)
-        eps = float(best_vat.removeprefix("VAT")) if best_vat else 0.0
-        fair = _fair_chance(history, eps)
+        fair = _fair_chance(history, float(best_vat.removeprefix("VAT")) if best_vat else 0.0)
+    elif best_amat and committed.get("best_amat_on_validation") == best_amat:
+        fair = committed.get("fair_chance")  # a restored study: its margin history was not committed
+    if fair is not None:
+        eps = fair["best_vat_eps"]
         study_json["fair_chance"] = fair
         lines += [f"### Did {best_amat}'s margins get a fair chance?", "",
                   f"- time-averaged training radius ≥ the best VAT's ε = {eps:g} for "
@@ -429,11 +457,12 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   f"≤ 10 %); frozen (clean failure) at the last visit: {fair['share_frozen_last_visit']:.1%}",
                   f"- fair-chance check: **{'passes' if fair['passes'] else 'fails'}**", "",
                   "| epoch | mean | q25 | median | q75 | max | grown | shrunk | frozen |", "|---|---|---|---|---|---|---|---|---|"]
-        for e in history["epochs"]:
+        for e in history["epochs"] if history else ():
             m, o = e["margins"], e["outcomes"]
             lines.append(f"| {e['epoch']} | {m['mean']:.2f} | {m['q25']:.2f} | {m['median']:.2f} | {m['q75']:.2f} | "
                          f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
-        lines += ["", "![margins](margins/margins.png)", ""]
+        lines += ["", "![margins](margins/margins.png)" if history else
+                  "(the committed numbers of a restored study: its margin history per epoch was not kept)", ""]
 
     foreground = _reports(work / "test-foreground", order)
     if foreground and task == "hippocampus":
@@ -481,12 +510,12 @@ def claim_summary(results_dir: Path) -> list[str]:
         test = {n: load_report(results_dir / task / "margins" / "test" / n / "robustness.json") for n in (amat, "STD")}
         digits = 4 if test["STD"]["higher_is_better"] else 2
         c, fair = study["comparisons"][amat], study.get("fair_chance", {})
-        gap, sign = c["curve_pgd"], 1.0 if test["STD"]["higher_is_better"] else -1.0
-        where = _against_curve(gap)
+        gap, sign = c.get("curve_pgd"), 1.0 if test["STD"]["higher_is_better"] else -1.0
+        where = _against_curve(gap) if gap else None
         rows.append(f"| {task} ({test['STD']['metric']}) | {amat} | {vat} | {_fmt(c['pgd'], digits)} | {_fmt(c['ifgsm'], digits)} | "
                     f"{sign * (test[amat]['clean'] - test['STD']['clean']):+.{digits}f} | "
                     f"**{'holds' if study['claim_holds'] else 'does not hold'}** | "
-                    f"{f'{where} ({_fmt(gap, digits)})' if where else 'n/a (outside its clean range)'} | "
+                    f"{f'{where} ({_fmt(gap, digits)})' if where else 'n/a (outside its clean range)' if gap else 'n/a (not measured)'} | "
                     f"{'n/a' if 'passes' not in fair else 'passes' if fair['passes'] else 'fails'} |")
     if not rows:
         return []
@@ -501,10 +530,80 @@ def claim_summary(results_dir: Path) -> list[str]:
 
 
 def study_xi_file(work: Path, name: str) -> Path:
-    """The ``xi.json`` an AMAT run of the study was trained with: the ξ level its ``run.json`` names, in ``work``
-    (which may have moved since the run)."""
-    recorded = Path(json.loads((work / "runs" / name / "run.json").read_text())["identity"]["xi_file"])
-    return work / "xi" / recorded.parent.name / "xi.json"
+    """The ``xi.json`` an AMAT run of the study was trained with: the ξ level its ``run.json`` names (or, for weights
+    put back by :func:`restore_margin_study`, the level the restore found), in ``work`` (which may have moved)."""
+    run = work / "runs" / name / "run.json"
+    if run.is_file():
+        level = Path(json.loads(run.read_text())["identity"]["xi_file"]).parent.name
+    else:
+        level = _restored(work).get("xi_levels", {}).get(name)
+        if level is None:
+            raise FileNotFoundError(f"{run} is missing: which ξ {name} was trained with is unknown")
+    return work / "xi" / level / "xi.json"
+
+
+RESTORED = "restored.json"  # in a work folder that restore_margin_study rebuilt: what it started from
+
+
+def _restored(work: Path) -> dict[str, Any]:
+    path = work / RESTORED
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def restore_margin_study(task: str, work: Path, results_dir: Path, bundles: Path) -> list[str]:
+    """Rebuild a study's work folder from what was committed (``--restore``), so that it goes on on a machine that
+    lacks its runs instead of training every arm again; returns the stages restored.
+
+    Put back: every report of ``results_dir/<task>/margins/<split>/<model>/`` with its stage record; the shipped
+    weights (``bundles/<bundle>/models/``: the chosen AMAT, STD, the best VAT), each checked byte for byte against
+    its test report, with the ξ file the AMAT was trained with; each ξ level from ``study.json``. Per-case scores
+    are not committed, so the best VAT's test runs again (a model tested since is compared with it case by case);
+    the report keeps the committed comparisons of the other models, and VAT's curve, which needs every VAT's
+    per-case scores, is left out for the new ones. A model that was not shipped is trained again only if a stage
+    that was not restored needs it.
+    """
+    if (work / "stages.json").is_file():
+        raise SystemExit(f"{work} already holds a study (stages.json): --restore only fills an empty folder")
+    committed = results_dir / task / "margins"
+    if not (committed / "study.json").is_file():
+        raise SystemExit(f"{task}: nothing to restore, {committed / 'study.json'} is missing")
+    study = json.loads((committed / "study.json").read_text())
+    models = bundles / TASKS[task]["bundle"] / "models"
+    amat, vat = study["best_amat_on_validation"], study["best_vat_on_validation"]
+    shipped = {"STD": models / "baselines" / "std.pt", vat: models / "baselines" / f"{vat.lower()}.pt", amat: models / "model.pt"}
+    restored, records = {}, study["stages"]
+    for name, source in shipped.items():
+        sha = load_report(committed / "test" / name / "robustness.json")["checkpoint_sha256"]
+        if file_sha256(source) != sha:
+            raise SystemExit(f"{source} is not the {name} the study tested (sha256 {sha}); cannot restore")
+        target = work / "runs" / name / "models" / "model.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        restored[f"train {name}"] = records[f"train {name}"]
+    shipped_xi = json.loads((models / "xi.json").read_text())
+    level_of_amat = None
+    for level, xi in study["xi"].items():  # the keys the report reads; the shipped level whole
+        if all(xi[k] == shipped_xi.get(k) for k in ("xi", "total", "metric")):
+            level_of_amat, xi = level, shipped_xi
+        atomic_write_text(work / "xi" / level / "xi.json", json.dumps(xi, indent=2))
+        restored[f"calibrate {level}"] = records[f"calibrate {level}"]
+    if level_of_amat is None:
+        raise SystemExit(f"{models / 'xi.json'} is none of the study's ξ levels ({sorted(study['xi'])}); cannot restore")
+    for split in ("val", "test", "test-foreground", "spot-check"):
+        for report in sorted((committed / split).glob("*/robustness.json")):
+            name = report.parent.name
+            stage = f"{'validate' if split == 'val' else split} {name}"
+            if split == "test" and name == vat:
+                continue  # run again: a model tested since is compared with it case by case
+            (work / split / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report, work / split / name / "robustness.json")
+            restored[stage] = records[stage]
+    # every training keeps its record, so that the report orders the models as before; one without weights here
+    # runs again only if a stage that is not restored needs it
+    ordered = {k: v for k, v in records.items() if k in restored or k.startswith("train ")}
+    atomic_write_text(work / "stages.json", json.dumps(ordered, indent=2))
+    atomic_write_text(work / RESTORED, json.dumps({"study": study, "xi_levels": {amat: level_of_amat}}, indent=2))
+    return [k for k in ordered if k in restored]
 
 
 def ship_margin_study(task: str, work: Path, results_dir: Path, bundles: Path) -> None:

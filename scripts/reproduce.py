@@ -450,15 +450,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy the best AMAT model (+ xi.json) to <bundles>/<name>/models/ and STD / best VAT to "
                              "models/baselines/ (with --experiment margins: the models the study chose on validation)")
     parser.add_argument("--bundles", default=str(ROOT / "bundles"), help="where --ship puts the models")
+    parser.add_argument("--restore", action="store_true",
+                        help="with --experiment margins: first rebuild the study's empty work folder from its committed "
+                             "reports and shipped models (<results>/../results/<task>/margins, <bundles>), so that it "
+                             "goes on without training every arm again")
     args = parser.parse_args(argv)
     if args.ship and args.experiment not in ("baseline", "margins"):
         parser.error("--ship ships the baseline reproduction (--experiment baseline) or the margin study's choices")
+    if args.restore and args.experiment != "margins":
+        parser.error("--restore rebuilds a margin study (--experiment margins)")
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
     if args.experiment != "baseline":
         study, what, run, report = _study(args.experiment)
         results_md = Path(args.results).resolve()
         for task in _defined(tasks, study, args.task, what):
+            if args.restore:
+                from margin_study import restore_margin_study
+
+                done = restore_margin_study(task, out / f"{task}-margins", results_md.parent / "results", Path(args.bundles))
+                print(f"[reproduce] {task}: restored {len(done)} stages from the committed results", flush=True)
             if not args.report_only:
                 run(task, args.protocol, Path(args.data_dir), out, args.device)
             report(task, args.protocol, out, results_md.parent / "results")

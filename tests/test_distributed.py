@@ -363,3 +363,10 @@ def test_landmark_metric_combines_every_ranks_samples(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     means = [float(Path(f"{script}.rank{r}").read_text()) for r in (0, 1)]
     assert means == [3.0, 3.0]  # (1 + 2 + 6) / 3 on both ranks, not 1.5 and 6
+
+
+def test_a_failed_launch_says_what_the_processes_printed_last(capsys):
+    script = "import sys\nfor i in range(100): print(f'line {i}')\nsys.exit('rank 1 failed: the reason')"
+    status, tail = D._run_teeing_output([sys.executable, "-c", script], os.environ, keep=5)
+    assert status == 1 and tail == ["line 96\n", "line 97\n", "line 98\n", "line 99\n", "rank 1 failed: the reason\n"]
+    assert "line 0\n" in capsys.readouterr().err  # streamed on as it came, not only kept

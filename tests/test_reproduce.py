@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from amat_monai.checkpoints import file_sha256
@@ -101,6 +102,18 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     trained_with = json.loads((work / "runs" / study["best_amat_on_validation"] / "run.json").read_text())["identity"]
     assert xi["metric"] == json.loads(Path(trained_with["xi_file"]).read_text())["metric"]
 
+    # --restore: an empty folder rebuilt from the committed reports and the shipped weights goes on without training;
+    # only the shipped VAT's test runs again (later models are compared with it case by case), with the same result
+    again = _run(tmp_path, "--experiment", "margins", "--restore", "--bundles", str(tmp_path / "bundles"),
+                 "--output-dir", str(tmp_path / "restored"))
+    assert again.count(": running") == 1 and f"test {vat}: running" in again, again
+    restudy = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "margins" / "study.json").read_text())
+    for key in ("best_amat_on_validation", "best_vat_on_test", "comparisons", "claim_holds", "fair_chance"):
+        assert restudy[key] == study[key], key
+    retested = json.loads((tmp_path / "restored" / "hippocampus-margins" / "test" / vat / "robustness.json").read_text())
+    first = json.loads((work / "test" / vat / "robustness.json").read_text())
+    assert retested["clean"] == pytest.approx(first["clean"]) and retested["averages"] == pytest.approx(first["averages"])
+
 
 def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -157,10 +170,18 @@ def test_ssat_study_smoke_runs_every_stage_and_reports(tmp_path):
     _run(tmp_path, "--experiment", "ssat")
     work = tmp_path / "runs" / "hippocampus-ssat"
     arms = ["STD-50%-s0", "AMAT-50%-s0", "SSAT-50%-s0", "AMAT+SSAT-50%-s0"]
+    variants = ["AMAT+SSAT-50%-s0-w3", "AMAT+SSAT-50%-s0-w3-fg"]  # SSAT's settings, chosen on validation
     stages = json.loads((work / "stages.json").read_text())
-    assert set(stages) == {*(f"train {a}" for a in arms), "calibrate STD-50%-s0", *(f"test {a}" for a in arms)}
-    identity = json.loads((work / "runs" / "AMAT+SSAT-50%-s0" / "run.json").read_text())["identity"]
+    assert set(stages) == {*(f"train {a}" for a in [*arms[:3], *variants]), "calibrate STD-50%-s0",
+                           *(f"validate {a}" for a in ["AMAT-50%-s0", *variants]), *(f"test {a}" for a in arms)}
+    summary = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "ssat" / "ssat.json").read_text())
+    chosen = summary["variant"]["chosen"]
+    identity = json.loads((work / "runs" / f"AMAT+SSAT-50%-s0-{chosen}" / "run.json").read_text())["identity"]
     assert identity["labelled_fraction"] == 0.5 and identity["ssat"]["eps"] == [0.0, 10.0]
+    tested = json.loads((work / "test" / "AMAT+SSAT-50%-s0" / "robustness.json").read_text())["checkpoint_sha256"]
+    assert tested == file_sha256(work / "runs" / f"AMAT+SSAT-50%-s0-{chosen}" / "models" / "model.pt")
+    ssat_identity = json.loads((work / "runs" / "SSAT-50%-s0" / "run.json").read_text())["identity"]["ssat"]
+    assert ssat_identity["confidence_threshold"] == summary["variant"]["settings"].get("ssat_confidence_threshold")
     state = torch.load(work / "runs" / "SSAT-50%-s0" / "models" / "checkpoint_epoch=1.pt", weights_only=False)
     assert state["ssat"]["draws"] == state["trainer"]["iteration"] > 0
     report = (tmp_path / "docs" / "results" / "hippocampus" / "SSAT.md").read_text()

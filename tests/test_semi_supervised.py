@@ -111,6 +111,10 @@ def test_argmax_pseudo_labels_and_their_confidence():
     assert label.tolist() == [[[[2, 0]]]]
     p = torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0).max()
     assert confidence.item() == pytest.approx((float(p) + 1 / 3) / 2)
+    _, on_foreground = ArgmaxPseudoLabel(confidence_over="foreground")(torch.cat([pred, torch.zeros(1, 3, 1, 2)]))
+    assert on_foreground.tolist() == pytest.approx([float(p), 0.0])  # pixel 0 alone; a slice of ties is background
+    with pytest.raises(ValueError, match="confidence_over"):
+        ArgmaxPseudoLabel(confidence_over="fg")
 
 
 # -- the handler -------------------------------------------------------------------------------------------
