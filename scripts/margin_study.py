@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from amat_monai.checkpoints import atomic_write_text, file_sha256  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
-from amat_monai.comparison import frontier, paired_bootstrap, read_case_scores  # noqa: E402
+from amat_monai.comparison import curve_gap, frontier, paired_bootstrap, read_case_scores  # noqa: E402
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
 from amat_monai.workflows import calibrate  # noqa: E402
 from reproduce import PROTOCOLS, TASKS, Stages, ship_models, study_folder  # noqa: E402
@@ -230,12 +231,27 @@ def _on_metric(report: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def _fmt(d: dict[str, float], digits: int) -> str:
+    if not np.isfinite(d["low"]):
+        return f"{d['estimate']:+.{digits}f} (no interval)"
     return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
-def _against_curve(gap: dict[str, float]) -> str | None:
-    """Where AMAT lies against VAT's curve from the bootstrap interval of its gap (None: outside its clean range)."""
+def _curve_cell(gap: dict[str, float], digits: int) -> str:
+    """Where a model lies against VAT's curve, with its gap: "above (+x [lo, hi])", "n/a (outside its clean range)"."""
     if not np.isfinite(gap["estimate"]):
+        return "n/a (outside its clean range)"
+    return f"{_against_curve(gap) or 'gap'} ({_fmt(gap, digits)})"
+
+
+def _summary(report: dict[str, Any]) -> dict[str, float]:
+    """A report's clean value and attack averages, as :meth:`amat_monai.comparison.CaseScores.summary` gives them."""
+    return {"clean": report["clean"], **report["averages"]}
+
+
+def _against_curve(gap: dict[str, float]) -> str | None:
+    """Where AMAT lies against VAT's curve from the bootstrap interval of its gap (None: outside its clean range, or
+    no interval)."""
+    if not np.isfinite(gap["estimate"]) or not np.isfinite(gap["low"]):
         return None
     return "above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on"
 
@@ -391,6 +407,12 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                 comparisons[n] = paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
             elif n in kept:  # a restored study without this model's per-case scores: its committed comparison
                 comparisons[n], carried = kept[n], [*carried, n]
+        if not curve:  # a restored study lacks the curve's per-case scores: the gap's point estimate, from the reports
+            points = [_summary(test[n]) for n in ["STD", *vat_test]]
+            for n in (n for n in comparisons if n not in carried):
+                for attack in ("pgd", "ifgsm"):
+                    gap = sign * curve_gap(_summary(test[n]), points, attack, higher)
+                    comparisons[n][f"curve_{attack}"] = {"estimate": gap, "low": math.nan, "high": math.nan, "n": 0}
         n_cases = len(scores["STD"].cases) if "STD" in scores else committed.get("n_test_cases")
         lines += [f"### AMAT against the best VAT ({best_vat}, the best on test) and against VAT's curve", "",
                   f"Paired bootstrap over the {n_cases} test cases ({resamples} resamples), 95 % intervals; "
@@ -410,7 +432,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
             lines += ["", f"This study was restored from its committed results (`--restore`), which keep no per-case "
                       f"scores, and the weights of {', '.join(missing)} were not shipped: "
                       + (f"the rows of {', '.join(carried)} are the committed ones; " if carried else "")
-                      + "the curve gaps of the models tested since are left blank."]
+                      + "the curve gaps of the models tested since are point estimates from the test reports, "
+                      "without an interval."]
     if best_amat in comparisons:
         c = comparisons[best_amat]
         tol = 0.02 if higher else 0.3
@@ -431,9 +454,10 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   f"(difference {clean_gap:+.{digits}f})"]
         if not holds and "curve_pgd" in c:
             gap = c["curve_pgd"]
-            where = _against_curve(gap) or "outside the clean range of"
-            lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it "
-                         f"(PGD avg gap {_fmt(gap, digits) if np.isfinite(gap['estimate']) else 'n/a'}).")
+            where = _against_curve(gap)
+            lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it (PGD avg gap "
+                         f"{_fmt(gap, digits)})." if where else f"- Against VAT's curve at the same clean {metric}: "
+                         f"{_curve_cell(gap, digits)}.")
         lines.append("")
         study_json.update({"best_vat_on_test": best_vat, "comparisons": comparisons, "claims": claims,
                            "claim_holds": holds, "n_test_cases": n_cases})
@@ -441,11 +465,17 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     history, fair = None, None
     committed = _restored(work).get("study", {})
     best_vat = study_json.get("best_vat_on_test") or (max(vat_val, key=lambda n: score(val[n])) if vat_val else None)
+    epochs: list[dict[str, Any]] = []  # the chosen model's margins and outcomes per epoch
     if best_amat and (work / "runs" / best_amat / "margins.json").is_file():
         history = json.loads((work / "runs" / best_amat / "margins.json").read_text())
         fair = _fair_chance(history, float(best_vat.removeprefix("VAT")) if best_vat else 0.0)
+        epochs = [{k: e[k] for k in ("epoch", "margins", "outcomes")} for e in history["epochs"]]
     elif best_amat and committed.get("best_amat_on_validation") == best_amat:
-        fair = committed.get("fair_chance")  # a restored study: its margin history was not committed
+        # a restored study: the margin history is not committed, its summary and plot are
+        fair, epochs = committed.get("fair_chance"), committed.get("margin_epochs", [])
+        if (work / "margins.png").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(work / "margins.png", out / "margins.png")
     if fair is not None:
         eps = fair["best_vat_eps"]
         study_json["fair_chance"] = fair
@@ -457,12 +487,24 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                   f"≤ 10 %); frozen (clean failure) at the last visit: {fair['share_frozen_last_visit']:.1%}",
                   f"- fair-chance check: **{'passes' if fair['passes'] else 'fails'}**", "",
                   "| epoch | mean | q25 | median | q75 | max | grown | shrunk | frozen |", "|---|---|---|---|---|---|---|---|---|"]
-        for e in history["epochs"] if history else ():
+        study_json["margin_epochs"] = epochs
+        for e in epochs:
             m, o = e["margins"], e["outcomes"]
             lines.append(f"| {e['epoch']} | {m['mean']:.2f} | {m['q25']:.2f} | {m['median']:.2f} | {m['q75']:.2f} | "
                          f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
-        lines += ["", "![margins](margins/margins.png)" if history else
-                  "(the committed numbers of a restored study: its margin history per epoch was not kept)", ""]
+        lines += ["", "![margins](margins/margins.png)", ""]
+    histories = {n: work / "runs" / n / "margins.json" for n in order if n.startswith("AMAT") and n != best_amat}
+    histories = {n: json.loads(f.read_text()) for n, f in histories.items() if f.is_file()}
+    if histories and best_vat:
+        eps = float(best_vat.removeprefix("VAT"))
+        lines += [f"The other AMAT models whose margin history is at hand, against the same ε = {eps:g}:", "",
+                  "| model | time-averaged radius ≥ ε | its median | at the floor, not a clean failure | fair chance |",
+                  "|---|---|---|---|---|"]
+        for n, h in histories.items():
+            f = study_json.setdefault("fair_chance_other_models", {})[n] = _fair_chance(h, eps)
+            lines.append(f"| {n} | {f['share_radius_reaching_best_vat_eps']:.1%} | {f['median_mean_training_radius']:.2f} | "
+                         f"{f['share_at_floor_not_frozen']:.1%} | {'passes' if f['passes'] else 'fails'} |")
+        lines.append("")
 
     foreground = _reports(work / "test-foreground", order)
     if foreground and task == "hippocampus":
@@ -510,12 +552,11 @@ def claim_summary(results_dir: Path) -> list[str]:
         test = {n: load_report(results_dir / task / "margins" / "test" / n / "robustness.json") for n in (amat, "STD")}
         digits = 4 if test["STD"]["higher_is_better"] else 2
         c, fair = study["comparisons"][amat], study.get("fair_chance", {})
-        gap, sign = c.get("curve_pgd"), 1.0 if test["STD"]["higher_is_better"] else -1.0
-        where = _against_curve(gap) if gap else None
+        sign = 1.0 if test["STD"]["higher_is_better"] else -1.0
         rows.append(f"| {task} ({test['STD']['metric']}) | {amat} | {vat} | {_fmt(c['pgd'], digits)} | {_fmt(c['ifgsm'], digits)} | "
                     f"{sign * (test[amat]['clean'] - test['STD']['clean']):+.{digits}f} | "
                     f"**{'holds' if study['claim_holds'] else 'does not hold'}** | "
-                    f"{f'{where} ({_fmt(gap, digits)})' if where else 'n/a (outside its clean range)' if gap else 'n/a (not measured)'} | "
+                    f"{_curve_cell(c['curve_pgd'], digits) if 'curve_pgd' in c else 'n/a (not measured)'} | "
                     f"{'n/a' if 'passes' not in fair else 'passes' if fair['passes'] else 'fails'} |")
     if not rows:
         return []
@@ -556,7 +597,8 @@ def restore_margin_study(task: str, work: Path, results_dir: Path, bundles: Path
 
     Put back: every report of ``results_dir/<task>/margins/<split>/<model>/`` with its stage record; the shipped
     weights (``bundles/<bundle>/models/``: the chosen AMAT, STD, the best VAT), each checked byte for byte against
-    its test report, with the ξ file the AMAT was trained with; each ξ level from ``study.json``. Per-case scores
+    its test report, with the ξ file the AMAT was trained with; each ξ level from ``study.json``; the chosen
+    model's margin plot (its margin history is not committed, its summary is in ``study.json``). Per-case scores
     are not committed, so the best VAT's test runs again (a model tested since is compared with it case by case);
     the report keeps the committed comparisons of the other models, and VAT's curve, which needs every VAT's
     per-case scores, is left out for the new ones. A model that was not shipped is trained again only if a stage
@@ -598,6 +640,8 @@ def restore_margin_study(task: str, work: Path, results_dir: Path, bundles: Path
             (work / split / name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(report, work / split / name / "robustness.json")
             restored[stage] = records[stage]
+    if (committed / "margins.png").is_file():  # the chosen model's margins per epoch, drawn from its history
+        shutil.copyfile(committed / "margins.png", work / "margins.png")
     # every training keeps its record, so that the report orders the models as before; one without weights here
     # runs again only if a stage that is not restored needs it
     ordered = {k: v for k, v in records.items() if k in restored or k.startswith("train ")}
