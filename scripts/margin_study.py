@@ -95,6 +95,7 @@ MARGIN_STUDY: dict[str, dict[str, Any]] = {
 
 #: the smoke protocol's study (tests): fewer arms, the same code path
 SMOKE_STUDY: dict[str, Any] = {"vat_eps": [5.0, 10.0], "levels": [{"xi_metric_quantile": 0.25}],
+                               "arms": {k: MARGIN_STUDY["hippocampus"]["arms"][k] for k in ("A", "C")},
                                "spot_check": {"steps": [2, 2], "max_cases": 8}}
 
 
@@ -403,10 +404,11 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
         kept = committed.get("comparisons", {}) if committed.get("best_vat_on_test") == best_vat else {}
         carried: list[str] = []
         for n in (n for n in test if n.startswith("AMAT")):
-            if n in scores and best_vat in scores:
-                comparisons[n] = paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
-            elif n in kept:  # a restored study without this model's per-case scores: its committed comparison
+            compared_here = n in scores and best_vat in scores
+            if n in kept and not (compared_here and curve):  # a restored study: the committed, complete comparison
                 comparisons[n], carried = kept[n], [*carried, n]
+            elif compared_here:
+                comparisons[n] = paired_bootstrap(scores, n, best_vat, curve, resamples=resamples)
         if not curve:  # a restored study lacks the curve's per-case scores: the gap's point estimate, from the reports
             points = [_summary(test[n]) for n in ["STD", *vat_test]]
             for n in (n for n in comparisons if n not in carried):
