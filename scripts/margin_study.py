@@ -109,6 +109,8 @@ def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, mod
                     max_cases: int | None = None) -> dict[str, Any]:
     """One ``amat-monai evaluate`` run as a resumable stage of the weights ``model`` (a path, or a function that
     returns one: a model trained only if the stage must run); returns its report."""
+    if callable(model) and not stages.is_finished(label):
+        model = model()  # trained (as its own stage) before this one starts its clock
 
     def evaluate() -> str:
         checkpoint = model() if callable(model) else model

@@ -217,10 +217,15 @@ class Stages:
             return self.path.parent.joinpath(*path.parts[path.parts.index(self.path.parent.name) + 1:])
         return path
 
-    def _finished(self, name: str) -> str | None:
+    def is_finished(self, name: str) -> bool:
+        """Whether ``name`` finished before and its output is still there."""
         self._reload()
         record = self.done.get(name)
-        if record and self._resolve(record["output"]).exists():
+        return bool(record) and self._resolve(record["output"]).exists()
+
+    def _finished(self, name: str) -> str | None:
+        if self.is_finished(name):
+            record = self.done[name]
             print(f"[reproduce] {name}: done before ({record['seconds']:.0f} s), skipped", flush=True)
             return str(self._resolve(record["output"]))
         return None
