@@ -243,7 +243,8 @@ def _curve_cell(gap: dict[str, float], digits: int) -> str:
     """Where a model lies against VAT's curve, with its gap: "above (+x [lo, hi])", "n/a (outside its clean range)"."""
     if not np.isfinite(gap["estimate"]):
         return "n/a (outside its clean range)"
-    return f"{_against_curve(gap) or 'gap'} ({_fmt(gap, digits)})"
+    where = _against_curve(gap)
+    return f"{where} ({_fmt(gap, digits)})" if where else f"gap {_fmt(gap, digits)}"
 
 
 def _summary(report: dict[str, Any]) -> dict[str, float]:
@@ -434,8 +435,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
         missing = [n for n in ["STD", *vat_test] if n not in scores]
         if missing:
             lines += ["", f"This study was restored from its committed results (`--restore`), which keep no per-case "
-                      f"scores, and the weights of {', '.join(missing)} were not shipped: "
-                      + (f"the rows of {', '.join(carried)} are the committed ones; " if carried else "")
+                      f"scores: those of {', '.join(missing)} are not at hand, so "
+                      + (f"the rows of {', '.join(carried)} are the committed ones and " if carried else "")
                       + "the curve gaps of the models tested since are point estimates from the test reports, "
                       "without an interval."]
     if best_amat in comparisons:
@@ -460,8 +461,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
             gap = c["curve_pgd"]
             where = _against_curve(gap)
             lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it (PGD avg gap "
-                         f"{_fmt(gap, digits)})." if where else f"- Against VAT's curve at the same clean {metric}: "
-                         f"{_curve_cell(gap, digits)}.")
+                         f"{_fmt(gap, digits)})." if where else f"- Against VAT's curve at the same clean {metric}: PGD "
+                         f"avg {_curve_cell(gap, digits)} (positive: above it).")
         lines.append("")
         study_json.update({"best_vat_on_test": best_vat, "comparisons": comparisons, "claims": claims,
                            "claim_holds": holds, "n_test_cases": n_cases})
