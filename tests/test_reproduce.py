@@ -187,3 +187,19 @@ def test_ssat_study_smoke_runs_every_stage_and_reports(tmp_path):
     report = (tmp_path / "docs" / "results" / "hippocampus" / "SSAT.md").read_text()
     assert all(f"| {a} |" in report for a in arms) and "| AMAT+SSAT-50% | 1 |" in report
     assert "Semi-supervised adversarial training (SSAT)" in (tmp_path / "docs" / "RESULTS.md").read_text()
+
+
+def test_ssat_variant_is_the_most_robust_within_the_clean_tolerance_else_the_cleanest():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ssat_study import choose_variant
+
+    def report(clean, pgd, ifgsm, higher=True):
+        return {"clean": clean, "averages": {"pgd": pgd, "ifgsm": ifgsm}, "higher_is_better": higher}
+
+    amat = report(0.72, 0.60, 0.60)
+    val = {"w3": report(0.64, 0.70, 0.70), "w1": report(0.715, 0.62, 0.61), "w0.3": report(0.73, 0.61, 0.61)}
+    assert choose_variant(val, amat, tolerance=0.01) == "w1"  # w3 is the most robust but 0.08 below AMAT's clean
+    assert choose_variant(val, amat, tolerance=0.1) == "w3"
+    assert choose_variant({"w3": val["w3"], "w1": report(0.70, 0.9, 0.9)}, amat, tolerance=0.01) == "w1"  # cleanest
+    mm = report(2.0, 2.5, 2.5, higher=False)  # landmarks: lower is better, the tolerance in mm
+    assert choose_variant({"a": report(2.05, 2.3, 2.3, False), "b": report(2.2, 2.1, 2.1, False)}, mm, 0.1) == "a"
