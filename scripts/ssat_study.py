@@ -65,8 +65,8 @@ SSAT_STUDY: dict[str, dict[str, Any]] = {
         "seeds": [0, 1],
         "ssat": {"ssat_weight": 3.0, "ssat_eps": [0.0, 3.0]},
         "vat": {"eps": 3.0},
-        # the margin study's base rule (B: +Δ, no shrink, ξ following the model); set to its choice once it is done
-        "amat": {"delta": 1.25, "amat_eps_max": 6.0, "amat_condition": "total", "amat_xi_follows_model": True,
+        # AMAT-B-reach (B: +Δ, no shrink, ξ following the model; Δ doubled): the margin study's choice on validation
+        "amat": {"delta": 2.5, "amat_eps_max": 8.0, "amat_condition": "total", "amat_xi_follows_model": True,
                  "amat_growth": "additive", "amat_shrink": "none"},
         "xi": {},
         "tolerance": 0.1,
