@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from amat_monai.checkpoints import atomic_write_text  # noqa: E402
 from amat_monai.reporting import load_report, paper_table  # noqa: E402
 from amat_monai.workflows import calibrate  # noqa: E402
-from margin_study import _evaluate_stage, study_settings  # noqa: E402
+from margin_study import _evaluate_stage, _robust_score, study_settings  # noqa: E402
 from reproduce import PROTOCOLS, TASKS, study_folder  # noqa: E402
 from reproduce import train_stage as reproduce_train_stage  # noqa: E402
 
@@ -145,7 +145,7 @@ def choose_variant(val: dict[str, dict[str, Any]], amat: dict[str, Any], toleran
     sign = 1.0 if amat["higher_is_better"] else -1.0
     within = [v for v, r in val.items() if sign * (r["clean"] - amat["clean"]) >= -tolerance]
     if within:
-        return max(within, key=lambda v: sign * (val[v]["averages"]["pgd"] + val[v]["averages"]["ifgsm"]))
+        return max(within, key=lambda v: _robust_score(val[v]))
     return max(val, key=lambda v: sign * val[v]["clean"])
 
 
