@@ -18,14 +18,18 @@ positive means more robust than VAT would be at the same clean accuracy.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CaseScores", "read_case_scores", "paired_bootstrap", "frontier", "curve_value", "curve_gap", "SUMMARIES"]
+from amat_monai.checkpoints import atomic_write_text
+
+__all__ = ["CaseScores", "read_case_scores", "save_case_scores", "load_case_scores", "paired_bootstrap", "frontier", "curve_value", "curve_gap", "SUMMARIES"]
 
 #: the summaries of a model: ``clean`` and each attack's average over its noise levels
 SUMMARIES = ("clean", "pgd", "ifgsm")
@@ -91,6 +95,25 @@ def read_case_scores(csv_path: str | os.PathLike, metric: str, case_key: str = "
     cells = {key: (np.array([sums[key].get(c, 0.0) for c in order]), np.array([counts[key].get(c, 0) for c in order]))
              for key in sums}
     return CaseScores(order, cells, higher_is_better)
+
+
+def save_case_scores(scores: CaseScores, path: str | os.PathLike, metric: str) -> None:
+    """Write ``scores`` (of ``metric``) as a small JSON file (atomically): what a bootstrap needs, without the
+    per-sample CSV (kept out of committed results for its size)."""
+    cells = [{"attack": a, "eps": e, "sums": sums.tolist(), "counts": counts.tolist()}
+             for (a, e), (sums, counts) in sorted(scores.cells.items())]
+    atomic_write_text(path, json.dumps({"metric": metric, "higher_is_better": scores.higher_is_better,
+                                        "cases": scores.cases, "cells": cells}))
+
+
+def load_case_scores(path: str | os.PathLike, metric: str) -> CaseScores:
+    """The :class:`CaseScores` that :func:`save_case_scores` wrote; a file of another metric is an error."""
+    data = json.loads(Path(path).read_text())
+    if data.get("metric") != metric:
+        raise ValueError(f"{path} holds per-case scores of {data.get('metric')!r}, not of {metric!r}")
+    cells = {(c["attack"], float(c["eps"])): (np.asarray(c["sums"], dtype=float), np.asarray(c["counts"], dtype=int))
+             for c in data["cells"]}
+    return CaseScores([str(c) for c in data["cases"]], cells, bool(data["higher_is_better"]))
 
 
 def frontier(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:

@@ -7,7 +7,8 @@ set. :func:`claim_run_folder`, the first item of every bundle's ``train.json`` r
 
 * an empty folder gets a ``run.json`` recording the run's identity (method, data set folder, ``max_cases``,
   seed, split fractions, and the method's own settings) and its hash;
-* a folder whose ``run.json`` names another identity is refused, naming the fields that differ;
+* a folder whose ``run.json`` names another identity is refused, naming the fields that differ (a field added to
+  the identity after that run started is not compared, with a warning, so that older runs still resume);
 * a folder holding checkpoints of the same run is refused unless ``resume`` is set (no silent restart over
   them); with ``resume`` the run continues;
 * a folder with checkpoints or a ``split.json`` but no ``run.json`` (an older version's run, or another tool's)
@@ -70,13 +71,28 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return manifest
 
 
-def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Fields of the two identities (nested ones as ``a.b``) that differ, as messages; fields the recorded one lacks
+    are not compared (see :func:`_added_since`)."""
     out = []
-    for key in sorted(set(recorded) | set(current)):
+    for key in sorted(recorded):
         if key in _ONLY_AT_START and current.get(key) is None:
             continue
-        if recorded.get(key, "<absent>") != current.get(key, "<absent>"):
-            out.append(f"{key}: {recorded.get(key, '<absent>')!r} there, {current.get(key, '<absent>')!r} now")
+        there, now = recorded[key], current.get(key, "<absent>")
+        if isinstance(there, Mapping) and isinstance(now, Mapping):
+            out += _differences(there, now, f"{prefix}{key}.")
+        elif there != now:
+            out.append(f"{prefix}{key}: {there!r} there, {now!r} now")
+    return out
+
+
+def _added_since(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Fields this version records that the run's ``run.json`` lacks: added to the identity after the run started, so
+    that it still resumes (they were not checked then either)."""
+    out = [f"{prefix}{k}" for k in sorted(set(current) - set(recorded))]
+    for key in sorted(set(current) & set(recorded)):
+        if isinstance(current[key], Mapping) and isinstance(recorded[key], Mapping):
+            out += _added_since(recorded[key], current[key], f"{prefix}{key}.")
     return out
 
 
@@ -119,6 +135,9 @@ def claim_run_folder(
         logger.warning(f"{out} has no {MANIFEST_NAME} (an older run): resuming it as is and recording this run")
     elif manifest is not None:
         diff = _differences(manifest["identity"], current)
+        added = _added_since(manifest["identity"], current)
+        if added and not diff:
+            logger.warning(f"{out / MANIFEST_NAME} predates the identity fields {', '.join(added)}: they are not checked")
         if diff:
             raise RunFolderError(
                 f"{out} holds another run ({out / MANIFEST_NAME}): " + "; ".join(diff)

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from amat_monai.checkpoints import atomic_write_text, file_sha256  # noqa: E402
 from amat_monai.cli import main as cli_main  # noqa: E402
-from amat_monai.comparison import curve_gap, frontier, paired_bootstrap, read_case_scores  # noqa: E402
+from amat_monai.comparison import (  # noqa: E402
+    CaseScores, curve_gap, frontier, load_case_scores, paired_bootstrap, read_case_scores, save_case_scores)
 from amat_monai.reporting import load_report, paper_table, save_figure  # noqa: E402
 from amat_monai.workflows import calibrate  # noqa: E402
 from reproduce import PROTOCOLS, TASKS, Stages, ship_models, study_folder  # noqa: E402
@@ -249,6 +250,17 @@ def _on_metric(report: dict[str, Any], metric: str) -> dict[str, Any]:
     return out
 
 
+CASE_SCORES = "case_scores.json"  # beside a committed test report: its per-case scores of the study's metric
+
+
+def _case_scores(folder: Path, metric: str, case_key: str, higher: bool) -> CaseScores | None:
+    """The per-case scores of the evaluation in ``folder``: from its per-sample CSV, else from the per-case file a
+    report committed (a restored study); None if neither is there."""
+    if (folder / "robustness.csv").is_file():
+        return read_case_scores(folder / "robustness.csv", metric, case_key, higher)
+    return load_case_scores(folder / CASE_SCORES, metric) if (folder / CASE_SCORES).is_file() else None
+
+
 def _fmt(d: dict[str, float], digits: int) -> str:
     if not np.isfinite(d["low"]):
         return f"{d['estimate']:+.{digits}f} (no interval)"
@@ -416,8 +428,9 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     if best_amat in test and vat_test and "STD" in test:
         best_vat = max(vat_test, key=lambda n: score(test[n]))  # the strongest comparator, on test itself
         metric, case_key = ("dice", "case") if task == "hippocampus" else (test["STD"]["metric"], "sample_id")
-        csvs = {n: work / "test" / n / "robustness.csv" for n in test}
-        scores = {n: read_case_scores(f, metric, case_key, higher) for n, f in csvs.items() if f.is_file()}
+        scores = {n: c for n in test if (c := _case_scores(work / "test" / n, metric, case_key, higher))}
+        for n, c in scores.items():  # committed, so that a restored study compares new models case by case
+            save_case_scores(c, out / "test" / n / CASE_SCORES, metric)
         curve = ["STD", *vat_test] if all(n in scores for n in ["STD", *vat_test]) else []
         committed = _restored(work).get("study", {})
         kept = committed.get("comparisons", {}) if committed.get("best_vat_on_test") == best_vat else {}
@@ -450,8 +463,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         missing = [n for n in ["STD", *vat_test] if n not in scores]
         if missing:
-            lines += ["", f"This study was restored from its committed results (`--restore`), which keep no per-case "
-                      f"scores: those of {', '.join(missing)} are not at hand, so "
+            lines += ["", f"This study was restored from its committed results (`--restore`), which lack the per-case "
+                      f"scores of {', '.join(missing)} (tested before they were committed), so "
                       + (f"the rows of {', '.join(carried)} are the committed ones and " if carried else "")
                       + "the curve gaps of the models tested since are point estimates from the test reports, "
                       "without an interval."]
@@ -619,10 +632,11 @@ def restore_margin_study(task: str, work: Path, results_dir: Path, bundles: Path
     Put back: every report of ``results_dir/<task>/margins/<split>/<model>/`` with its stage record; the shipped
     weights (``bundles/<bundle>/models/``: the chosen AMAT, STD, the best VAT), each checked byte for byte against
     its test report, with the ξ file the AMAT was trained with; each ξ level from ``study.json``; the chosen
-    model's margin plot (its margin history is not committed, its summary is in ``study.json``). Per-case scores
-    are not committed, so the best VAT's test runs again (a model tested since is compared with it case by case);
-    the report keeps the committed comparisons of the other models, and VAT's curve, which needs every VAT's
-    per-case scores, is left out for the new ones. A model that was not shipped is trained again only if a stage
+    model's margin plot (its margin history is not committed, its summary is in ``study.json``); the per-case scores
+    of each test (``case_scores.json``), so that a model tested since is compared case by case. Where the best VAT's
+    are missing (a study reported before they were committed), its test runs again; the report then keeps the
+    committed comparisons of the other models, and VAT's curve, which needs every VAT's per-case scores, is left
+    out for the new ones where any is missing. A model that was not shipped is trained again only if a stage
     that was not restored needs it.
     """
     if (work / "stages.json").is_file():
@@ -656,10 +670,13 @@ def restore_margin_study(task: str, work: Path, results_dir: Path, bundles: Path
         for report in sorted((committed / split).glob("*/robustness.json")):
             name = report.parent.name
             stage = f"{'validate' if split == 'val' else split} {name}"
-            if split == "test" and name == vat:
+            has_cases = (report.parent / CASE_SCORES).is_file()
+            if split == "test" and name == vat and not has_cases:
                 continue  # run again: a model tested since is compared with it case by case
             (work / split / name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(report, work / split / name / "robustness.json")
+            if split == "test" and has_cases:
+                shutil.copyfile(report.parent / CASE_SCORES, work / split / name / CASE_SCORES)
             restored[stage] = records[stage]
     if (committed / "margins.png").is_file():  # the chosen model's margins per epoch, drawn from its history
         shutil.copyfile(committed / "margins.png", work / "margins.png")

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from amat_monai.comparison import curve_gap, curve_value, frontier, paired_bootstrap, read_case_scores
+from amat_monai.comparison import (curve_gap, curve_value, frontier, load_case_scores, paired_bootstrap, read_case_scores,
+                                   save_case_scores)
 
 
 def _write(path, rows):
@@ -37,6 +38,19 @@ def test_case_scores_average_over_slices_then_noise_levels(tmp_path):
     assert s["pgd"] == pytest.approx(((0.6 * 2 + 0.3) / 3 + (0.4 * 2 + 0.0) / 3) / 2)
     # case b drawn twice, case a never: the summary is case b's
     assert scores.summary(np.array([0.0, 2.0])) == pytest.approx({"clean": 0.5, "pgd": 0.15})
+
+
+def test_saved_case_scores_bootstrap_as_the_csv_they_came_from(tmp_path):
+    a = _model(tmp_path / "a.csv", {"a": 0.8, "b": 0.5}, {"a": {2.0: 0.6, 6.0: 0.4}, "b": {2.0: 0.3, 6.0: 0.0}})
+    b = _model(tmp_path / "b.csv", {"a": 0.7, "b": 0.6}, {"a": {2.0: 0.5, 6.0: 0.5}, "b": {2.0: 0.4, 6.0: 0.1}})
+    save_case_scores(b, tmp_path / "b.json", "dice")
+    b_loaded = load_case_scores(tmp_path / "b.json", "dice")
+    assert b_loaded.cases == ["a", "b"] and b_loaded.summary() == b.summary()
+    assert b_loaded.cells[("clean", 0.0)][1].tolist() == [2, 1]  # the slice counts survive
+    assert paired_bootstrap({"a": a, "b": b_loaded}, "a", "b", resamples=50) == \
+        paired_bootstrap({"a": a, "b": b}, "a", "b", resamples=50)
+    with pytest.raises(ValueError, match="of 'dice', not of 'mre'"):
+        load_case_scores(tmp_path / "b.json", "mre")
 
 
 def test_curve_interpolates_and_never_extrapolates():

@@ -25,6 +25,7 @@ from amat_monai.checkpoints import (
     resume_from_latest,
 )
 from amat_monai.data import make_synthetic_decathlon
+from amat_monai.runs import RunFolderError, claim_run_folder
 from conftest import PROJECT_ROOT, SEG_TINY
 
 BUNDLE = PROJECT_ROOT / "bundles" / "hippocampus_seg"
@@ -189,6 +190,22 @@ def test_a_folder_of_another_run_is_refused(task, tmp_path, capsys):
     assert "holds another run" in msg and "max_cases: 4 there, None now" in msg
     msg = _fails(capsys, _train(task, out, "--max-cases", "4", "--method", "vat", "--eps", "1"))
     assert "method: 'std' there, 'vat' now" in msg
+
+
+def test_identity_fields_added_after_a_run_started_do_not_stop_it_resuming(tmp_path, caplog):
+    out = tmp_path / "run"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "checkpoint_epoch=1.pt").write_bytes(b"")
+    older = {"method": "amat", "delta": 5.0, "ssat": {"weight": 3.0}}
+    (out / "run.json").write_text(json.dumps({"identity": older}))
+    now = {**older, "init": None, "ssat": {"weight": 3.0, "confidence_over": "all"}}
+    with caplog.at_level(logging.WARNING, logger="amat_monai.runs"):
+        claim_run_folder(out, now, resume=True)
+    assert "predates the identity fields init, ssat.confidence_over" in caplog.text
+    with pytest.raises(RunFolderError, match=r"holds another run .*: ssat\.weight: 3\.0 there, 1\.0 now"):
+        claim_run_folder(out, {**now, "ssat": {"weight": 1.0, "confidence_over": "all"}}, resume=True)
+    with pytest.raises(RunFolderError, match="delta: 5.0 there, '<absent>' now"):  # a field dropped since is a change
+        claim_run_folder(out, {"method": "amat", "ssat": {"weight": 3.0}}, resume=True)
 
 
 def test_a_leftover_split_without_manifest_is_not_reused(task, tmp_path, capsys):

@@ -72,8 +72,11 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     work = tmp_path / "runs" / "hippocampus-margins"
     stages = json.loads((work / "stages.json").read_text())
     trained = [k.removeprefix("train ") for k in stages if k.startswith("train ")]
-    assert trained[:5] == ["STD", "VAT5", "VAT10", "AMAT-A", "AMAT-C"] and len(trained) == 7
+    assert trained[:5] == ["STD", "VAT5", "VAT10", "AMAT-A", "AMAT-C"] and len(trained) == 8
     assert trained[6].endswith("-reach")  # the best of the others with the larger Δ
+    assert trained[7].endswith("-init")  # ... then with every margin starting at the best VAT's ε
+    best_vat_eps = float(max((m for m in trained if m.startswith("VAT")), key=lambda m: _robust(work / "val" / m))[3:])
+    assert json.loads((work / "runs" / trained[7] / "margins.json").read_text())["settings"]["init"] == best_vat_eps
     assert {f"validate {m}" for m in trained} | {f"test {m}" for m in trained} <= set(stages)
     study = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "margins" / "study.json").read_text())
     assert study["best_amat_on_validation"] in trained and study["best_vat_on_test"] in ("VAT5", "VAT10")
@@ -102,17 +105,31 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     trained_with = json.loads((work / "runs" / study["best_amat_on_validation"] / "run.json").read_text())["identity"]
     assert xi["metric"] == json.loads(Path(trained_with["xi_file"]).read_text())["metric"]
 
-    # --restore: an empty folder rebuilt from the committed reports and the shipped weights goes on without training;
-    # only the shipped VAT's test runs again (later models are compared with it case by case), with the same result
+    # --restore: an empty folder rebuilt from the committed reports, per-case scores and shipped weights goes on
+    # without training or testing, and reports the same comparisons (bootstrapped again from the committed scores)
+    committed = tmp_path / "docs" / "results" / "hippocampus" / "margins"
+    assert {p.parent.name for p in (committed / "test").glob("*/case_scores.json")} == set(trained)
     again = _run(tmp_path, "--experiment", "margins", "--restore", "--bundles", str(tmp_path / "bundles"),
                  "--output-dir", str(tmp_path / "restored"))
-    assert again.count(": running") == 1 and f"test {vat}: running" in again, again
-    restudy = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "margins" / "study.json").read_text())
+    assert ": running" not in again, again
+    restudy = json.loads((committed / "study.json").read_text())
     for key in ("best_amat_on_validation", "best_vat_on_test", "comparisons", "claim_holds", "fair_chance"):
         assert restudy[key] == study[key], key
-    retested = json.loads((tmp_path / "restored" / "hippocampus-margins" / "test" / vat / "robustness.json").read_text())
+    # a study committed before per-case scores were: the shipped VAT's test runs again (later models are compared
+    # with it case by case), with the same result
+    for f in (committed / "test").glob("*/case_scores.json"):
+        f.unlink()
+    again = _run(tmp_path, "--experiment", "margins", "--restore", "--bundles", str(tmp_path / "bundles"),
+                 "--output-dir", str(tmp_path / "restored-older"))
+    assert again.count(": running") == 1 and f"test {vat}: running" in again, again
+    retested = json.loads((tmp_path / "restored-older" / "hippocampus-margins" / "test" / vat / "robustness.json").read_text())
     first = json.loads((work / "test" / vat / "robustness.json").read_text())
     assert retested["clean"] == pytest.approx(first["clean"]) and retested["averages"] == pytest.approx(first["averages"])
+
+
+def _robust(folder: Path) -> float:
+    averages = json.loads((folder / "robustness.json").read_text())["averages"]
+    return averages["pgd"] + averages["ifgsm"]
 
 
 def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
