@@ -66,6 +66,8 @@ MARGIN_STUDY: dict[str, dict[str, Any]] = {
         "reach": {"delta": 10.0, "amat_eps_max": 30.0},
         # then the best so far with margins starting at the best VAT's ε (the reach arm left 12 % at the floor)
         "init_at_best_vat_eps": True,
+        # the bootstrap's metric and the column that names a case (a volume's slices are resampled together)
+        "case_scores": ("dice", "case"),
         "validate": ["test_section=\"validation\""],
         "foreground": ["robust_slices=\"foreground\""],
         "spot_check": {"steps": [100, 10], "max_cases": 8},
@@ -92,6 +94,7 @@ MARGIN_STUDY: dict[str, dict[str, Any]] = {
         # validation: the first 50 test1 images; test: the other 100 (the bundle's splits). One evaluation costs
         # about 13 s per image on one thread, so the first 25 of validation and the first 50 of test are evaluated
         # (a fixed subset, the same for every arm), to keep the task within 4 h
+        "case_scores": ("mre", "sample_id"),
         "validate": ["test_split=\"test1[:50]\""],
         "max_cases": {"validate": 25, "test": 50},
         "spot_check": {"steps": [100, 10], "max_cases": 10},
@@ -140,8 +143,11 @@ def _robust_score(report: dict[str, Any]) -> float:
     return sign * (report["averages"]["pgd"] + report["averages"]["ifgsm"])
 
 
-def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
-    """The stages of the margin study for one task (resumable); returns the reports by split and model."""
+def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None,
+                     complete_intervals: bool = False) -> dict[str, Any]:
+    """The stages of the margin study for one task (resumable); returns the reports by split and model.
+    ``complete_intervals``: test again every model whose per-case test scores are missing (``--complete-intervals``).
+    """
     spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], study_settings(task, protocol)
     bundle, dataset, work, stages = study_folder(task, data_dir, out, "-margins")
     ev = settings["evaluate"]
@@ -204,6 +210,10 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         best, vat_eps = best_so_far("AMAT"), float(best_so_far("VAT").removeprefix("VAT"))
         amat_arm(f"{best}-init", {**rules[best], "amat_init": vat_eps})
         val[f"{best}-init"] = validate(f"{best}-init")
+    for name in models if complete_intervals else ():
+        folder = work / "test" / name
+        if stages.is_finished(f"test {name}") and not any((folder / f).is_file() for f in ("robustness.csv", CASE_SCORES)):
+            stages.forget(f"test {name}")
     test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
                                   ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"])
             for name, path in models.items()}
@@ -427,7 +437,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     comparisons: dict[str, Any] = {}
     if best_amat in test and vat_test and "STD" in test:
         best_vat = max(vat_test, key=lambda n: score(test[n]))  # the strongest comparator, on test itself
-        metric, case_key = ("dice", "case") if task == "hippocampus" else (test["STD"]["metric"], "sample_id")
+        metric, case_key = study["case_scores"]
         scores = {n: c for n in test if (c := _case_scores(work / "test" / n, metric, case_key, higher))}
         for n, c in scores.items():  # committed, so that a restored study compares new models case by case
             save_case_scores(c, out / "test" / n / CASE_SCORES, metric)

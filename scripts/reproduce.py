@@ -223,6 +223,13 @@ class Stages:
         record = self.done.get(name)
         return bool(record) and self._resolve(record["output"]).exists()
 
+    def forget(self, name: str) -> None:
+        """Drop the record of ``name``, so that it runs again (its outputs are overwritten then)."""
+        with self._lock("stages.json"):
+            self._reload()
+            if self.done.pop(name, None) is not None:
+                atomic_write_text(self.path, json.dumps(self.done, indent=2))
+
     def _finished(self, name: str) -> str | None:
         if self.is_finished(name):
             record = self.done[name]
@@ -459,7 +466,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --experiment margins: first rebuild the study's empty work folder from its committed "
                              "reports and shipped models (<results>/../results/<task>/margins, <bundles>), so that it "
                              "goes on without training every arm again")
+    parser.add_argument("--complete-intervals", action="store_true",
+                        help="with --experiment margins: test again (trained again first where its weights are gone) "
+                             "every model whose per-case test scores are missing (a study committed before they "
+                             "were, then restored), so that every comparison gets its bootstrap interval")
     args = parser.parse_args(argv)
+    if args.complete_intervals and args.experiment != "margins":
+        parser.error("--complete-intervals completes a margin study (--experiment margins)")
     if args.ship and args.experiment not in ("baseline", "margins"):
         parser.error("--ship ships the baseline reproduction (--experiment baseline) or the margin study's choices")
     if args.restore and args.experiment != "margins":
@@ -476,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 done = restore_margin_study(task, out / f"{task}-margins", results_md.parent / "results", Path(args.bundles))
                 print(f"[reproduce] {task}: restored {len(done)} stages from the committed results", flush=True)
             if not args.report_only:
-                run(task, args.protocol, Path(args.data_dir), out, args.device)
+                run(task, args.protocol, Path(args.data_dir), out, args.device,
+                    **({"complete_intervals": True} if args.complete_intervals else {}))
             report(task, args.protocol, out, results_md.parent / "results")
         rebuild_results(results_md, results_md.parent / "results")
         print(f"[reproduce] wrote {results_md}")

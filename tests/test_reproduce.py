@@ -5,6 +5,7 @@ the results agree with the per-model JSON, a second run redoes nothing (the stud
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -115,16 +116,27 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     restudy = json.loads((committed / "study.json").read_text())
     for key in ("best_amat_on_validation", "best_vat_on_test", "comparisons", "claim_holds", "fair_chance"):
         assert restudy[key] == study[key], key
-    # a study committed before per-case scores were: the shipped VAT's test runs again (later models are compared
-    # with it case by case), with the same result
-    for f in (committed / "test").glob("*/case_scores.json"):
-        f.unlink()
+    # a study committed before per-case scores were (here: STD's and both VATs'): the shipped VAT's test runs again
+    # (later models are compared with it case by case), with the same result
+    other_vat = next(m for m in ("VAT5", "VAT10") if m != vat)
+    for name in ("STD", "VAT5", "VAT10"):
+        (committed / "test" / name / "case_scores.json").unlink()
     again = _run(tmp_path, "--experiment", "margins", "--restore", "--bundles", str(tmp_path / "bundles"),
                  "--output-dir", str(tmp_path / "restored-older"))
     assert again.count(": running") == 1 and f"test {vat}: running" in again, again
     retested = json.loads((tmp_path / "restored-older" / "hippocampus-margins" / "test" / vat / "robustness.json").read_text())
     first = json.loads((work / "test" / vat / "robustness.json").read_text())
     assert retested["clean"] == pytest.approx(first["clean"]) and retested["averages"] == pytest.approx(first["averages"])
+    # --complete-intervals: the models still without them are tested again (the VAT that was not shipped trained again
+    # first), so that every comparison, VAT's curve included, has its bootstrap interval
+    again = _run(tmp_path, "--experiment", "margins", "--complete-intervals", "--output-dir", str(tmp_path / "restored-older"))
+    ran = [line.split(": running")[0].removeprefix("[reproduce] ") for line in again.splitlines() if ": running" in line]
+    assert ran == ["test STD", f"train {other_vat}", f"test {other_vat}"], again
+    assert {p.parent.name for p in (committed / "test").glob("*/case_scores.json")} == set(trained)
+    completed = json.loads((committed / "study.json").read_text())["comparisons"]
+    assert set(completed) == {m for m in trained if m.startswith("AMAT")}
+    for name, c in completed.items():  # an interval wherever the curve spans the model's clean value
+        assert math.isnan(c["curve_pgd"]["estimate"]) or c["curve_pgd"]["low"] <= c["curve_pgd"]["estimate"], name
 
 
 def _robust(folder: Path) -> float:
