@@ -146,7 +146,8 @@ def _robust_score(report: dict[str, Any]) -> float:
 def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None,
                      complete_intervals: bool = False) -> dict[str, Any]:
     """The stages of the margin study for one task (resumable); returns the reports by split and model.
-    ``complete_intervals``: test again every model whose per-case test scores are missing (``--complete-intervals``).
+    ``complete_intervals``: test again the models of VAT's curve (STD and the VATs) whose per-case test scores are
+    missing (``--complete-intervals``), so that the models tested since get the curve's interval.
     """
     spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], study_settings(task, protocol)
     bundle, dataset, work, stages = study_folder(task, data_dir, out, "-margins")
@@ -210,7 +211,7 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         best, vat_eps = best_so_far("AMAT"), float(best_so_far("VAT").removeprefix("VAT"))
         amat_arm(f"{best}-init", {**rules[best], "amat_init": vat_eps})
         val[f"{best}-init"] = validate(f"{best}-init")
-    for name in models if complete_intervals else ():
+    for name in [n for n in models if n == "STD" or n.startswith("VAT")] if complete_intervals else ():
         folder = work / "test" / name
         if stages.is_finished(f"test {name}") and not any((folder / f).is_file() for f in ("robustness.csv", CASE_SCORES)):
             stages.forget(f"test {name}")

@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                              "goes on without training every arm again")
     parser.add_argument("--complete-intervals", action="store_true",
                         help="with --experiment margins: test again (trained again first where its weights are gone) "
-                             "every model whose per-case test scores are missing (a study committed before they "
-                             "were, then restored), so that every comparison gets its bootstrap interval")
+                             "STD and each VAT whose per-case test scores are missing (a study committed before they "
+                             "were, then restored), so that the models tested since get VAT's curve with its interval")
     args = parser.parse_args(argv)
     if args.complete_intervals and args.experiment != "margins":
         parser.error("--complete-intervals completes a margin study (--experiment margins)")

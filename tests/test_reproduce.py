@@ -127,8 +127,8 @@ def test_margin_study_smoke_runs_every_stage_and_reports(tmp_path):
     retested = json.loads((tmp_path / "restored-older" / "hippocampus-margins" / "test" / vat / "robustness.json").read_text())
     first = json.loads((work / "test" / vat / "robustness.json").read_text())
     assert retested["clean"] == pytest.approx(first["clean"]) and retested["averages"] == pytest.approx(first["averages"])
-    # --complete-intervals: the models still without them are tested again (the VAT that was not shipped trained again
-    # first), so that every comparison, VAT's curve included, has its bootstrap interval
+    # --complete-intervals: the models of VAT's curve still without them are tested again (the VAT that was not shipped
+    # trained again first), so that every comparison, VAT's curve included, has its bootstrap interval
     again = _run(tmp_path, "--experiment", "margins", "--complete-intervals", "--output-dir", str(tmp_path / "restored-older"))
     ran = [line.split(": running")[0].removeprefix("[reproduce] ") for line in again.splitlines() if ": running" in line]
     assert ran == ["test STD", f"train {other_vat}", f"test {other_vat}"], again
