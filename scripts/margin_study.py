@@ -479,31 +479,34 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                       + (f"the rows of {', '.join(carried)} are the committed ones and " if carried else "")
                       + "the curve gaps of the models tested since are point estimates from the test reports, "
                       "without an interval."]
-    if best_amat in comparisons:
-        c = comparisons[best_amat]
-        tol = 0.02 if higher else 0.3
-        clean_gap = test[best_amat]["clean"] - test["STD"]["clean"]
-        claims = {
-            "pgd_above_best_vat": c["pgd"]["low"] > 0,
-            "ifgsm_above_best_vat": c["ifgsm"]["low"] > 0,
-            "clean_within_tolerance_of_std": sign * clean_gap >= -tol,
-        }
+    tol = 0.02 if higher else 0.3
+
+    def claim(name: str) -> tuple[dict[str, bool], bool]:
+        """The paper's claim for ``name`` (against the best VAT on test), its lines appended to the report."""
+        c = comparisons[name]
+        clean_gap = test[name]["clean"] - test["STD"]["clean"]
+        claims = {"pgd_above_best_vat": c["pgd"]["low"] > 0, "ifgsm_above_best_vat": c["ifgsm"]["low"] > 0,
+                  "clean_within_tolerance_of_std": sign * clean_gap >= -tol}
         holds = all(claims.values())
-        lines += ["", f"**The paper's claim for {best_amat}** (PGD and IFGSM averages above the best VAT's with the "
-                  f"interval excluding 0, clean within {tol:g} of STD): **{'holds' if holds else 'does not hold'}**.",
-                  f"- PGD avg {test[best_amat]['averages']['pgd']:.{digits}f} vs {best_vat} "
-                  f"{test[best_vat]['averages']['pgd']:.{digits}f}: difference {_fmt(c['pgd'], digits)}",
-                  f"- IFGSM avg {test[best_amat]['averages']['ifgsm']:.{digits}f} vs {best_vat} "
-                  f"{test[best_vat]['averages']['ifgsm']:.{digits}f}: difference {_fmt(c['ifgsm'], digits)}",
-                  f"- clean {test[best_amat]['clean']:.{digits}f} vs STD {test['STD']['clean']:.{digits}f} "
-                  f"(difference {clean_gap:+.{digits}f})"]
+        lines.extend(["", f"**The paper's claim for {name}** (PGD and IFGSM averages above the best VAT's with the "
+                      f"interval excluding 0, clean within {tol:g} of STD): **{'holds' if holds else 'does not hold'}**.",
+                      f"- PGD avg {test[name]['averages']['pgd']:.{digits}f} vs {best_vat} "
+                      f"{test[best_vat]['averages']['pgd']:.{digits}f}: difference {_fmt(c['pgd'], digits)}",
+                      f"- IFGSM avg {test[name]['averages']['ifgsm']:.{digits}f} vs {best_vat} "
+                      f"{test[best_vat]['averages']['ifgsm']:.{digits}f}: difference {_fmt(c['ifgsm'], digits)}",
+                      f"- clean {test[name]['clean']:.{digits}f} vs STD {test['STD']['clean']:.{digits}f} "
+                      f"(difference {clean_gap:+.{digits}f})"])
         if not holds and "curve_pgd" in c:
             gap = c["curve_pgd"]
             where = _against_curve(gap)
-            lines.append(f"- Against VAT's curve at the same clean {metric}: {best_amat} lies **{where}** it (PGD avg gap "
+            lines.append(f"- Against VAT's curve at the same clean {metric}: {name} lies **{where}** it (PGD avg gap "
                          f"{_fmt(gap, digits)})." if where else f"- Against VAT's curve at the same clean {metric}: PGD "
                          f"avg {_curve_cell(gap, digits)} (positive: above it).")
         lines.append("")
+        return claims, holds
+
+    if best_amat in comparisons:
+        claims, holds = claim(best_amat)
         study_json.update({"best_vat_on_test": best_vat, "comparisons": comparisons, "claims": claims,
                            "claim_holds": holds, "n_test_cases": n_cases})
 
@@ -550,6 +553,17 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
             lines.append(f"| {n} | {f['share_radius_reaching_best_vat_eps']:.1%} | {f['median_mean_training_radius']:.2f} | "
                          f"{f['share_at_floor_not_frozen']:.1%} | {'passes' if f['passes'] else 'fails'} |")
         lines.append("")
+    passing = [n for n, f in study_json.get("fair_chance_other_models", {}).items()
+               if f["passes"] and n in comparisons and n in val]
+    if fair is not None and not fair["passes"] and passing:
+        # the claim is only a fair test where the margins could reach VAT's radius: judged again on the most robust
+        # AMAT (on validation) whose margins passed the check
+        fair_amat = max(passing, key=lambda n: score(val[n]))
+        lines += [f"### The claim for the most robust AMAT whose margins had a fair chance: {fair_amat}", "",
+                  f"{best_amat}'s margins failed the fair-chance check, so the claim is judged again on {fair_amat}, "
+                  f"the most robust on validation of the AMAT models whose margins passed it."]
+        fair_claims, fair_holds = claim(fair_amat)
+        study_json["fair_chance_claim"] = {"model": fair_amat, "claims": fair_claims, "claim_holds": fair_holds}
 
     foreground = _reports(work / "test-foreground", order)
     if foreground and task == "hippocampus":
@@ -594,19 +608,29 @@ def claim_summary(results_dir: Path) -> list[str]:
         amat, vat = study.get("best_amat_on_validation"), study.get("best_vat_on_test")
         if not (amat and vat and "comparisons" in study):
             continue
-        test = {n: load_report(results_dir / task / "margins" / "test" / n / "robustness.json") for n in (amat, "STD")}
+        fair_claim = study.get("fair_chance_claim")
+        judged = [(amat, "", study["claim_holds"], study.get("fair_chance", {}))]
+        if fair_claim:  # the chosen model's margins failed the check: the claim judged again on one that passed
+            model = fair_claim["model"]
+            judged.append((model, " (the most robust with a fair chance)", fair_claim["claim_holds"],
+                           study["fair_chance_other_models"][model]))
+        folder = results_dir / task / "margins" / "test"
+        test = {n: load_report(folder / n / "robustness.json") for n in ("STD", *(m for m, *_ in judged))}
         digits = 4 if test["STD"]["higher_is_better"] else 2
-        c, fair = study["comparisons"][amat], study.get("fair_chance", {})
         sign = 1.0 if test["STD"]["higher_is_better"] else -1.0
-        rows.append(f"| {task} ({test['STD']['metric']}) | {amat} | {vat} | {_fmt(c['pgd'], digits)} | {_fmt(c['ifgsm'], digits)} | "
-                    f"{sign * (test[amat]['clean'] - test['STD']['clean']):+.{digits}f} | "
-                    f"**{'holds' if study['claim_holds'] else 'does not hold'}** | "
-                    f"{_curve_cell(c['curve_pgd'], digits) if 'curve_pgd' in c else 'n/a (not measured)'} | "
-                    f"{'n/a' if 'passes' not in fair else 'passes' if fair['passes'] else 'fails'} |")
+        for model, note, holds, fair in judged:
+            c = study["comparisons"][model]
+            rows.append(f"| {task} ({test['STD']['metric']}) | {model}{note} | {vat} | {_fmt(c['pgd'], digits)} | "
+                        f"{_fmt(c['ifgsm'], digits)} | {sign * (test[model]['clean'] - test['STD']['clean']):+.{digits}f} | "
+                        f"**{'holds' if holds else 'does not hold'}** | "
+                        f"{_curve_cell(c['curve_pgd'], digits) if 'curve_pgd' in c else 'n/a (not measured)'} | "
+                        f"{'n/a' if 'passes' not in fair else 'passes' if fair['passes'] else 'fails'} |")
     if not rows:
         return []
     return ["## The paper's AMAT claim, per task (margin studies)", "",
-            "AMAT chosen on the validation split, evaluated once on test, against the best VAT on test; paired "
+            "AMAT chosen on the validation split (the most robust; where its margins failed the fair-chance check, "
+            "a second row: the most robust whose margins passed it), evaluated once on test, against the best VAT on "
+            "test; paired "
             "bootstrap 95 % intervals over test cases; in every column positive = AMAT better. The claim: PGD and IFGSM averages "
             "above the best VAT's with the interval excluding 0, clean within 0.02 Dice / 0.3 mm of STD. The curve "
             "column places AMAT against VAT's clean-vs-robust frontier at AMAT's clean value (PGD avg gap). Details "
