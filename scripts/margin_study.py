@@ -6,11 +6,13 @@
 Every arm fine-tunes the same STD model with the same budget (epochs, attack steps, learning rate): VAT at several
 ε (its clean-vs-robust curve), AMAT with three margin rules (A: +Δ and halfway to the boundary, the paper's; B: +Δ
 and no shrink, what the authors' nnU-Net code does in effect; C: geometric growth and no shrink), then the best
-rule (on the validation split) at two more threshold levels, so that AMAT has a curve of its own. Arms and levels
-are chosen on validation; every model is evaluated once on test. The report (``docs/results/<task>/MARGINS.md``,
-``study.json``, ``pareto.png``, ``margins.png``) gives paired-bootstrap intervals over test cases
-(:mod:`amat_monai.comparison`), the fair-chance check of the chosen arm's margins, and the paper's claim as holds /
-does not hold.
+rule (on the validation split) at two more threshold levels, so that AMAT has a curve of its own; then the best so
+far with Δ doubled ("reach") and with every margin starting at the best VAT's ε ("init"). Arms and levels are chosen
+on validation; every model is evaluated once on test. The report (``docs/results/<task>/MARGINS.md``,
+``study.json``, ``pareto.png``, ``margins.png``, each test's per-case scores ``case_scores.json``) gives
+paired-bootstrap intervals over test cases (:mod:`amat_monai.comparison`), the fair-chance check of the chosen
+arm's margins, and the paper's claim as holds / does not hold, for the chosen arm and, where its margins failed
+the check, for the most robust arm whose margins passed it.
 
 Stages are resumable (``<output-dir>/<task>-margins/stages.json``): a finished stage is skipped, an interrupted
 training continues from its checkpoint.
@@ -478,7 +480,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                       f"scores of {', '.join(missing)} (tested before they were committed), so "
                       + (f"the rows of {', '.join(carried)} are the committed ones and " if carried else "")
                       + "the curve gaps of the models tested since are point estimates from the test reports, "
-                      "without an interval."]
+                      "without an interval (`--complete-intervals` tests those models again)."]
     tol = 0.02 if higher else 0.3
 
     def claim(name: str) -> tuple[dict[str, bool], bool]:
