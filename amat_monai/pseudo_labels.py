@@ -39,6 +39,11 @@ class ArgmaxPseudoLabel:
             raise ValueError(f"confidence_over must be 'all' or 'foreground', got {confidence_over!r}")
         self.confidence_over = confidence_over
 
+    @property
+    def settings(self) -> dict:
+        """What makes two labellers label alike (recorded in an SSAT run's identity)."""
+        return {"confidence_over": self.confidence_over}
+
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if pred.dim() < 3:
@@ -63,6 +68,11 @@ class LandmarkPseudoLabel:
         if radius <= 0:
             raise ValueError(f"radius must be positive, got {radius}")
         self.radius = float(radius)
+
+    @property
+    def settings(self) -> dict:
+        """What makes two labellers label alike (recorded in an SSAT run's identity)."""
+        return {"radius": self.radius}
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +99,11 @@ class DetectionPseudoLabel:
         self.detector = detector
         self.score_threshold = float(score_threshold)
         self.max_boxes = int(max_boxes)
+
+    @property
+    def settings(self) -> dict:
+        """What makes two labellers label alike (recorded in an SSAT run's identity; the detector is the model)."""
+        return {"score_threshold": self.score_threshold, "max_boxes": self.max_boxes}
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
