@@ -117,9 +117,16 @@ def study_settings(task: str, protocol: str) -> dict[str, Any]:
 
 def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, model: str | Callable[[], str],
                     eval_dir: Path, eps: list[float], steps: list[int], overrides: list[str], device: str | None,
-                    max_cases: int | None = None) -> dict[str, Any]:
+                    max_cases: int | None = None, weights: Path | None = None) -> dict[str, Any]:
     """One ``amat-monai evaluate`` run as a resumable stage of the weights ``model`` (a path, or a function that
-    returns one: a model trained only if the stage must run); returns its report."""
+    returns one: a model trained only if the stage must run); returns its report. A finished evaluation of other
+    weights than those now at ``weights`` (default: ``model``'s path), e.g. a model trained again, runs again."""
+    weights = Path(model) if weights is None and not callable(model) else weights
+    report = eval_dir / "robustness.json"
+    if stages.is_finished(label) and weights is not None and weights.is_file() and report.is_file():
+        if load_report(report).get("checkpoint_sha256") != file_sha256(weights):
+            print(f"[reproduce] {label}: evaluated other weights than {weights}, runs again", flush=True)
+            stages.forget(label)
     if callable(model) and not stages.is_finished(label):
         model = model()  # trained (as its own stage) before this one starts its clock
 
@@ -134,9 +141,9 @@ def _evaluate_stage(stages: Stages, label: str, bundle: Path, dataset: Path, mod
             argv += ["--override", item]
         if cli_main(argv) != 0:
             raise RuntimeError(f"{label} failed (amat-monai {' '.join(argv)})")
-        return str(eval_dir / "robustness.json")
+        return str(report)
 
-    return load_report(stages.run(label, str(eval_dir / "robustness.json"), evaluate))
+    return load_report(stages.run(label, str(report), evaluate))
 
 
 def _robust_score(report: dict[str, Any]) -> float:
@@ -174,10 +181,13 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
 
     max_cases = {split: study.get("max_cases", {}).get(split, ev.get("max_cases")) for split in ("validate", "test")}
 
+    def weights_of(name: str) -> Path:
+        return work / "runs" / name / "models" / "model.pt"
+
     def validate(name: str) -> dict[str, Any]:
         return _evaluate_stage(stages, f"validate {name}", bundle, dataset, models[name], work / "val" / name,
                                spec["eps"], ev["steps"], [*ev.get("override", []), *study["validate"]], device,
-                               max_cases=max_cases["validate"])
+                               max_cases=max_cases["validate"], weights=weights_of(name))
 
     models: dict[str, Callable[[], str]] = {}
     models["STD"] = train_stage("STD", "std", {})
@@ -190,6 +200,11 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         rules[name] = rule
         models[name] = train_stage(name, "amat", rule)
 
+    for name in [n for n in models if n == "STD" or n.startswith("VAT")] if complete_intervals else ():
+        folder = work / "test" / name
+        if stages.is_finished(f"test {name}") and not any((folder / f).is_file() for f in ("robustness.csv", CASE_SCORES)):
+            stages.forget(f"test {name}")
+            models[name]()  # trained again now where its weights are gone, so that its validation runs again too
     for arm, rule in study["arms"].items():
         amat_arm(f"AMAT-{arm}", {**study["amat"], **rule, "xi_file": xi["mean"]})
     val = {name: validate(name) for name in list(models)}
@@ -213,12 +228,9 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         best, vat_eps = best_so_far("AMAT"), float(best_so_far("VAT").removeprefix("VAT"))
         amat_arm(f"{best}-init", {**rules[best], "amat_init": vat_eps})
         val[f"{best}-init"] = validate(f"{best}-init")
-    for name in [n for n in models if n == "STD" or n.startswith("VAT")] if complete_intervals else ():
-        folder = work / "test" / name
-        if stages.is_finished(f"test {name}") and not any((folder / f).is_file() for f in ("robustness.csv", CASE_SCORES)):
-            stages.forget(f"test {name}")
     test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
-                                  ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"])
+                                  ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"],
+                                  weights=weights_of(name))
             for name, path in models.items()}
     amat_names = [n for n in models if n.startswith("AMAT")]
     vat_names = [n for n in models if n.startswith("VAT")]
@@ -228,12 +240,12 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
     for name in ("STD", best_vat, best_amat) if "foreground" in study else ():
         extra["foreground"][name] = _evaluate_stage(
             stages, f"test-foreground {name}", bundle, dataset, models[name], work / "test-foreground" / name,
-            spec["eps"], ev["steps"], [*ev.get("override", []), *study["foreground"]], device)
+            spec["eps"], ev["steps"], [*ev.get("override", []), *study["foreground"]], device, weights=weights_of(name))
     for name in (best_vat, best_amat):
         sc = study["spot_check"]
         extra["spot_check"][name] = _evaluate_stage(
             stages, f"spot-check {name}", bundle, dataset, models[name], work / "spot-check" / name, spec["eps"],
-            sc["steps"], ev.get("override", []), device, max_cases=sc["max_cases"])
+            sc["steps"], ev.get("override", []), device, max_cases=sc["max_cases"], weights=weights_of(name))
     return {"val": val, "test": test, "best_arm": best_arm, "best_amat": best_amat, "best_vat": best_vat,
             "stages": stages.done, "extra": extra, "work": str(work)}
 
