@@ -29,7 +29,8 @@ import numpy as np
 
 from amat_monai.checkpoints import atomic_write_text
 
-__all__ = ["CaseScores", "read_case_scores", "save_case_scores", "load_case_scores", "paired_bootstrap", "frontier", "curve_value", "curve_gap", "SUMMARIES"]
+__all__ = ["CaseScores", "read_case_scores", "save_case_scores", "load_case_scores", "paired_bootstrap", "frontier",
+           "curve_value", "curve_gap", "SUMMARIES"]
 
 #: the summaries of a model: ``clean`` and each attack's average over its noise levels
 SUMMARIES = ("clean", "pgd", "ifgsm")
