@@ -487,6 +487,11 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                      ("clean", "pgd", "ifgsm", "curve_pgd", "curve_ifgsm")]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         missing = [n for n in ["STD", *vat_test] if n not in scores]
+        if carried and not missing:
+            lines += ["", f"The rows of {', '.join(carried)} are the committed ones: their per-case scores were not "
+                      "committed, so they were bootstrapped when the study was first reported, against the VAT models "
+                      "of that time (a VAT tested again with `--complete-intervals` after training again is not the "
+                      "same model: training on CPU is not bit-reproducible here)."]
         if missing:
             lines += ["", f"This study was restored from its committed results (`--restore`), which lack the per-case "
                       f"scores of {', '.join(missing)} (tested before they were committed), so "
