@@ -201,8 +201,7 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         models[name] = train_stage(name, "amat", rule)
 
     for name in [n for n in models if n == "STD" or n.startswith("VAT")] if complete_intervals else ():
-        folder = work / "test" / name
-        if stages.is_finished(f"test {name}") and not any((folder / f).is_file() for f in ("robustness.csv", CASE_SCORES)):
+        if stages.is_finished(f"test {name}") and not _has_case_scores(work / "test" / name):
             stages.forget(f"test {name}")
             models[name]()  # trained again now where its weights are gone, so that its validation runs again too
     for arm, rule in study["arms"].items():
@@ -278,12 +277,16 @@ def _on_metric(report: dict[str, Any], metric: str) -> dict[str, Any]:
 CASE_SCORES = "case_scores.json"  # beside a committed test report: its per-case scores of the study's metric
 
 
+def _has_case_scores(folder: Path) -> bool:
+    return (folder / "robustness.csv").is_file() or (folder / CASE_SCORES).is_file()
+
+
 def _case_scores(folder: Path, metric: str, case_key: str, higher: bool) -> CaseScores | None:
     """The per-case scores of the evaluation in ``folder``: from its per-sample CSV, else from the per-case file a
     report committed (a restored study); None if neither is there."""
     if (folder / "robustness.csv").is_file():
         return read_case_scores(folder / "robustness.csv", metric, case_key, higher)
-    return load_case_scores(folder / CASE_SCORES, metric) if (folder / CASE_SCORES).is_file() else None
+    return load_case_scores(folder / CASE_SCORES, metric) if _has_case_scores(folder) else None
 
 
 def _fmt(d: dict[str, float], digits: int) -> str:
@@ -408,14 +411,11 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     sign = 1.0 if higher else -1.0
     digits = 4 if higher else 2
 
-    def score(r: dict[str, Any]) -> float:
-        return sign * (r["averages"]["pgd"] + r["averages"]["ifgsm"])
-
     amat_val = [n for n in val if n.startswith("AMAT")]
     vat_val = [n for n in val if n.startswith("VAT")]
-    best_amat = max(amat_val, key=lambda n: score(val[n])) if amat_val else None
+    best_amat = max(amat_val, key=lambda n: _robust_score(val[n])) if amat_val else None
     arms = [n for n in amat_val if n.count("-") == 1]
-    best_arm = max(arms, key=lambda n: score(val[n])) if arms else None
+    best_arm = max(arms, key=lambda n: _robust_score(val[n])) if arms else None
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} thread(s)")
     lines = [f"## AMAT margin study: {spec['title']}", "",
@@ -451,7 +451,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     vat_test = [n for n in test if n.startswith("VAT")]
     comparisons: dict[str, Any] = {}
     if best_amat in test and vat_test and "STD" in test:
-        best_vat = max(vat_test, key=lambda n: score(test[n]))  # the strongest comparator, on test itself
+        best_vat = max(vat_test, key=lambda n: _robust_score(test[n]))  # the strongest comparator, on test itself
         metric, case_key = study["case_scores"]
         scores = {n: c for n in test if (c := _case_scores(work / "test" / n, metric, case_key, higher))}
         for n, c in scores.items():  # committed, so that a restored study compares new models case by case
@@ -531,7 +531,8 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
 
     history, fair = None, None
     committed = _restored(work).get("study", {})
-    best_vat = study_json.get("best_vat_on_test") or (max(vat_val, key=lambda n: score(val[n])) if vat_val else None)
+    best_vat = study_json.get("best_vat_on_test") or (
+        max(vat_val, key=lambda n: _robust_score(val[n])) if vat_val else None)
     epochs: list[dict[str, Any]] = []  # the chosen model's margins and outcomes per epoch
     if best_amat and (work / "runs" / best_amat / "margins.json").is_file():
         history = json.loads((work / "runs" / best_amat / "margins.json").read_text())
@@ -577,7 +578,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     if fair is not None and not fair["passes"] and passing:
         # the claim is only a fair test where the margins could reach VAT's radius: judged again on the most robust
         # AMAT (on validation) whose margins passed the check
-        fair_amat = max(passing, key=lambda n: score(val[n]))
+        fair_amat = max(passing, key=lambda n: _robust_score(val[n]))
         lines += [f"### The claim for the most robust AMAT whose margins had a fair chance: {fair_amat}", "",
                   f"{best_amat}'s margins failed the fair-chance check, so the claim is judged again on {fair_amat}, "
                   f"the most robust on validation of the AMAT models whose margins passed it."]
@@ -593,7 +594,7 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
     if spot:
         lines += [f"### PGD-{study['spot_check']['steps'][0]} spot check ({study['spot_check']['max_cases']} test cases)",
                   "", paper_table(list(spot.values()), list(spot)).markdown]
-    best_vat_val = max(vat_val, key=lambda n: score(val[n])) if vat_val else None
+    best_vat_val = max(vat_val, key=lambda n: _robust_score(val[n])) if vat_val else None
     study_json["best_vat_on_validation"] = best_vat_val
     pending = [f"test {n}" for n in val if n not in test]
     pending += [f"test-foreground {n}" for n in ("STD", best_vat_val, best_amat)
