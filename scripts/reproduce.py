@@ -423,24 +423,28 @@ def _defined(tasks: list[str], study: dict[str, Any], requested: str, what: str)
     return [t for t in tasks if t in study]
 
 
-def _study(experiment: str) -> tuple[dict[str, Any], str, Any, Any]:
+def _study(experiment: str) -> tuple[dict[str, Any], str, Any, Any, Any]:
     """``(study table, its name, run(task, protocol, data_dir, out, device), report(task, protocol, out,
-    results_dir))`` of a study in ``scripts/``."""
+    results_dir), restore(task, protocol, out, results_dir, bundles) or None)`` of a study in ``scripts/``."""
     if experiment == "detection":
         from detection_study import DETECTION_STUDY, run_detection_study, write_detection_report
 
         return (DETECTION_STUDY, "attack-detection study (DETECTION_STUDY)",
                 lambda task, protocol, data, out, device: run_detection_study(task, data, out, device),
-                lambda task, protocol, out, results: write_detection_report(task, out, results))
+                lambda task, protocol, out, results: write_detection_report(task, out, results), None)
     if experiment == "margins":
-        from margin_study import MARGIN_STUDY, run_margin_study, write_margin_report
+        from margin_study import MARGIN_STUDY, restore_margin_study, run_margin_study, write_margin_report
 
         return (MARGIN_STUDY, "margin study (MARGIN_STUDY)", run_margin_study,
-                lambda task, protocol, out, results: write_margin_report(task, protocol, out / f"{task}-margins", results))
-    from ssat_study import SSAT_STUDY, run_ssat_study, write_ssat_report
+                lambda task, protocol, out, results: write_margin_report(task, protocol, out / f"{task}-margins", results),
+                lambda task, protocol, out, results, bundles: restore_margin_study(task, out / f"{task}-margins",
+                                                                                    results, bundles))
+    from ssat_study import SSAT_STUDY, restore_ssat_study, run_ssat_study, write_ssat_report
 
     return (SSAT_STUDY, "semi-supervised study (SSAT_STUDY)", run_ssat_study,
-            lambda task, protocol, out, results: write_ssat_report(task, protocol, out / f"{task}-ssat", results))
+            lambda task, protocol, out, results: write_ssat_report(task, protocol, out / f"{task}-ssat", results),
+            lambda task, protocol, out, results, bundles: restore_ssat_study(task, protocol, out / f"{task}-ssat",
+                                                                              results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                              "models/baselines/ (with --experiment margins: the models the study chose on validation)")
     parser.add_argument("--bundles", default=str(ROOT / "bundles"), help="where --ship puts the models")
     parser.add_argument("--restore", action="store_true",
-                        help="with --experiment margins: first rebuild the study's empty work folder from its committed "
-                             "reports and shipped models (<results>/../results/<task>/margins, <bundles>), so that it "
-                             "goes on without training every arm again")
+                        help="with --experiment margins or ssat: first rebuild the study's empty work folder from its "
+                             "committed reports (<results>/../results/<task>/margins or ssat) and, for the margin "
+                             "study, the shipped models (<bundles>), so that it goes on without training every arm "
+                             "again (the semi-supervised study: the seeds it finished)")
     parser.add_argument("--complete-intervals", action="store_true",
                         help="with --experiment margins: test again (trained again first where its weights are gone) "
                              "STD and each VAT whose per-case test scores are missing (a study committed before they "
@@ -475,18 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--complete-intervals completes a margin study (--experiment margins)")
     if args.ship and args.experiment not in ("baseline", "margins"):
         parser.error("--ship ships the baseline reproduction (--experiment baseline) or the margin study's choices")
-    if args.restore and args.experiment != "margins":
-        parser.error("--restore rebuilds a margin study (--experiment margins)")
+    if args.restore and args.experiment not in ("margins", "ssat"):
+        parser.error("--restore rebuilds a margin study or a semi-supervised study (--experiment margins or ssat)")
     tasks = list(TASKS) if args.task == "all" else [args.task]
     out = Path(args.output_dir).resolve()
     if args.experiment != "baseline":
-        study, what, run, report = _study(args.experiment)
+        study, what, run, report, restore = _study(args.experiment)
         results_md = Path(args.results).resolve()
         for task in _defined(tasks, study, args.task, what):
             if args.restore:
-                from margin_study import restore_margin_study
-
-                done = restore_margin_study(task, out / f"{task}-margins", results_md.parent / "results", Path(args.bundles))
+                done = restore(task, args.protocol, out, results_md.parent / "results", Path(args.bundles))
                 print(f"[reproduce] {task}: restored {len(done)} stages from the committed results", flush=True)
             if not args.report_only:
                 run(task, args.protocol, Path(args.data_dir), out, args.device,

@@ -18,12 +18,15 @@ Stages are resumable (``<output-dir>/<task>-ssat/stages.json``), as in the other
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import platform
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,51 +94,68 @@ def _label(arm: str, fraction: float, seed: int) -> str:
 
 
 def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: str | None) -> dict[str, Any]:
-    """The stages of the semi-supervised study for one task (resumable); returns the test reports by model."""
+    """The stages of the semi-supervised study for one task (resumable); returns the test reports by model.
+
+    A model is trained when a stage that has not run needs it, so that the seeds restored with ``--restore``
+    (:func:`restore_ssat_study`) train nothing again."""
     spec, settings, study = TASKS[task], PROTOCOLS[protocol][task], ssat_settings(task, protocol)
     margins = study_settings(task, protocol)
     bundle, dataset, work, stages = study_folder(task, data_dir, out, "-ssat")
     ev = settings["evaluate"]
     fraction = study["labelled_fraction"]
     max_cases = {split: margins.get("max_cases", {}).get(split, ev.get("max_cases")) for split in ("validate", "test")}
+
+    def weights_of(name: str) -> Path:
+        return work / "runs" / name / "models" / "model.pt"
+
+    def evaluate(split: str, name: str, model: Callable[[], str]) -> dict[str, Any]:
+        overrides = [*ev.get("override", []), *(margins["validate"] if split == "val" else [])]
+        return _evaluate_stage(stages, f"{'validate' if split == 'val' else 'test'} {name}", bundle, dataset, model,
+                               work / split / name, spec["eps"], ev["steps"], overrides, device,
+                               max_cases=max_cases["validate" if split == "val" else "test"], weights=weights_of(name))
+
     reports: dict[str, dict[str, Any]] = {}
     ssat: dict[str, Any] | None = None  # SSAT's settings: the variant chosen on validation with the first seed
     for seed in study["seeds"]:
         labelled = {"labelled_fraction": fraction, "labelled_seed": seed}
         names = {arm: _label(arm, fraction, seed) for arm in ARMS}
+        models: dict[str, Callable[[], str]] = {}
 
-        def train_stage(name: str, method: str, extra: dict[str, Any], ssat: bool = False) -> str:
-            return reproduce_train_stage(stages, work, name, bundle, method, dataset, settings, device,
-                                         models.get("STD"), extra, ssat=ssat, **labelled)
+        def train_stage(name: str, method: str, extra: dict[str, Any], semi_supervised: bool = False,
+                        models=models, labelled=labelled) -> Callable[[], str]:
+            """The weights of ``name``, trained as a stage when first asked for; AMAT's ξ is calibrated then."""
+            return functools.cache(lambda: reproduce_train_stage(
+                stages, work, name, bundle, method, dataset, settings, device,
+                models["STD"]() if method != "std" else None,
+                {**extra, "xi_file": models["xi"]()} if method == "amat" else extra, ssat=semi_supervised, **labelled))
 
-        def validate(name: str, path: str) -> dict[str, Any]:
-            return _evaluate_stage(stages, f"validate {name}", bundle, dataset, path, work / "val" / name, spec["eps"],
-                                   ev["steps"], [*ev.get("override", []), *margins["validate"]], device,
-                                   max_cases=max_cases["validate"])
+        def calibrate_stage(std: str = names["STD"], models=models, labelled=labelled) -> str:
+            xi_dir, split = work / "xi" / std, work / "runs" / std / "split.json"
+            return stages.run(f"calibrate {std}", str(xi_dir / "xi.json"), lambda: calibrate(
+                bundle, dataset, xi_dir, models["STD"](), device=device, delta=study["amat"]["delta"],
+                **({"split_file": str(split)} if split.is_file() else {}), **settings["common"], **labelled,
+                **study["xi"]))
 
-        models: dict[str, str] = {}
         models["STD"] = train_stage(names["STD"], "std", {})
-        xi_dir = work / "xi" / names["STD"]
-        split = work / "runs" / names["STD"] / "split.json"
-        xi = stages.run(f"calibrate {names['STD']}", str(xi_dir / "xi.json"), lambda: calibrate(
-            bundle, dataset, xi_dir, models["STD"], device=device, delta=study["amat"]["delta"],
-            **({"split_file": str(split)} if split.is_file() else {}), **settings["common"], **labelled, **study["xi"]))
-        amat = {**study["amat"], "xi_file": xi}
-        models["AMAT"] = train_stage(names["AMAT"], "amat", amat)
+        models["xi"] = functools.cache(calibrate_stage)
+        models["AMAT"] = train_stage(names["AMAT"], "amat", study["amat"])
         if ssat is None:
             variants = {v: {**study["ssat"], **extra} for v, extra in study["variants"].items()}
-            runs = {v: train_stage(f"{names['AMAT+SSAT']}-{v}", "amat", {**amat, **variants[v]}, ssat=True)
+            runs = {v: train_stage(f"{names['AMAT+SSAT']}-{v}", "amat", {**study["amat"], **variants[v]}, True)
                     for v in variants}
-            val = {v: validate(f"{names['AMAT+SSAT']}-{v}", path) for v, path in runs.items()}
-            chosen = choose_variant(val, validate(names["AMAT"], models["AMAT"]), study["tolerance"])
+            val = {v: evaluate("val", f"{names['AMAT+SSAT']}-{v}", run) for v, run in runs.items()}
+            chosen = choose_variant(val, evaluate("val", names["AMAT"], models["AMAT"]), study["tolerance"])
             ssat, models["AMAT+SSAT"] = variants[chosen], runs[chosen]
-        models["SSAT"] = train_stage(names["SSAT"], "vat", {**study["vat"], **ssat}, ssat=True)
-        if "AMAT+SSAT" not in models:
-            models["AMAT+SSAT"] = train_stage(names["AMAT+SSAT"], "amat", {**amat, **ssat}, ssat=True)
+            tested_as = {names["AMAT+SSAT"]: f"{names['AMAT+SSAT']}-{chosen}"}
+        else:
+            models["AMAT+SSAT"] = train_stage(names["AMAT+SSAT"], "amat", {**study["amat"], **ssat}, True)
+            tested_as = {}
+        models["SSAT"] = train_stage(names["SSAT"], "vat", {**study["vat"], **ssat}, True)
         for arm in ARMS:
-            reports[names[arm]] = _evaluate_stage(
-                stages, f"test {names[arm]}", bundle, dataset, models[arm], work / "test" / names[arm], spec["eps"],
-                ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"])
+            name = names[arm]
+            reports[name] = _evaluate_stage(
+                stages, f"test {name}", bundle, dataset, models[arm], work / "test" / name, spec["eps"], ev["steps"],
+                ev.get("override", []), device, max_cases=max_cases["test"], weights=weights_of(tested_as.get(name, name)))
     return reports
 
 
@@ -171,13 +191,18 @@ def _references(results_dir: Path, task: str) -> dict[str, dict[str, Any]]:
 def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -> None:
     """``results_dir/<task>/SSAT.md`` and ``ssat.json`` from whatever stages are on disk."""
     spec, study = TASKS[task], ssat_settings(task, protocol)
-    stages = json.loads((work / "stages.json").read_text()) if (work / "stages.json").is_file() else {}
+    if not (work / "stages.json").is_file():  # keep what was committed rather than mirror an empty study
+        print(f"[reproduce] {task}: no semi-supervised study in {work} to report (run it, or --restore it first)")
+        return
+    stages = json.loads((work / "stages.json").read_text())
     fraction = study["labelled_fraction"]
-    test = {p.parent.name: load_report(p) for p in sorted((work / "test").glob("*/robustness.json"))}
     out = results_dir / task / "ssat"
-    for name, report in test.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / name / "robustness.json", json.dumps(report, indent=2))
+    for split in ("val", "test"):  # the committed reports mirror the study's, so that --restore finds them
+        shutil.rmtree(out / split, ignore_errors=True)
+        for report in sorted((work / split).glob("*/robustness.json")):
+            (out / split / report.parent.name).mkdir(parents=True)
+            shutil.copyfile(report, out / split / report.parent.name / "robustness.json")
+    test = {p.parent.name: load_report(p) for p in sorted((out / "test").glob("*/robustness.json"))}
     references = _references(results_dir, task)
     higher = next(iter(test.values()))["higher_is_better"] if test else True
     sign, digits = (1.0, 4) if higher else (-1.0, 2)
@@ -189,7 +214,7 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
              f"{json.dumps(study)}; protocol `{protocol}` ({json.dumps(PROTOCOLS[protocol][task]['adversarial'])} for "
              "every fine-tuned arm).", ""]
     summary: dict[str, Any] = {"task": task, "protocol": protocol, "study": study, "arms": {}}
-    val = {p.parent.name: load_report(p) for p in sorted((work / "val").glob("*/robustness.json"))}
+    val = {p.parent.name: load_report(p) for p in sorted((out / "val").glob("*/robustness.json"))}
     first = _label("AMAT+SSAT", fraction, study["seeds"][0]) + "-"
     variants = {n.removeprefix(first): r for n, r in val.items() if n.startswith(first)}
     amat_val = val.get(_label("AMAT", fraction, study["seeds"][0]))
@@ -239,12 +264,54 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
                   f"{gain / gap if gap > 0 else float('nan'):.0%}",
                   f"- clean change {-clean_loss:+.{digits}f}", ""]
         summary.update({"checks": checks, "holds": holds, "gain": gain, "seed_spread": spread, "gap_to_100": gap})
-    if stages:
+    if stages:  # a restored seed keeps the times of its first run
         lines += ["Wall time per stage (one thread each; a stage's time is its process's wall time, so it also counts "
                   "time spent sharing the cores with other jobs or paused):", "", "| stage | minutes |", "|---|---|"]
         lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in stages.items()]
         lines.append("")
-        summary["stage_seconds"] = {k: v["seconds"] for k, v in stages.items()}
+        summary["stages"] = stages
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ssat.json", json.dumps(summary, indent=2))
     atomic_write_text(results_dir / task / "SSAT.md", "\n".join(lines))
+
+
+def _seed_reports(study: dict[str, Any], seed: int) -> list[str]:
+    """The evaluations (``<split>/<model>``) that finish a seed: its four arms tested and, for the first seed, the
+    validations that chose SSAT's variant."""
+    fraction = study["labelled_fraction"]
+    reports = [f"test/{_label(arm, fraction, seed)}" for arm in ARMS]
+    if seed == study["seeds"][0]:
+        both = _label("AMAT+SSAT", fraction, seed)
+        reports += [f"val/{_label('AMAT', fraction, seed)}", *(f"val/{both}-{v}" for v in study["variants"])]
+    return reports
+
+
+def restore_ssat_study(task: str, protocol: str, work: Path, results_dir: Path) -> list[str]:
+    """Rebuild the study's work folder from its committed reports (``--restore``), so that it goes on in another
+    session without running again the seeds it finished; returns the stages restored.
+
+    A seed is put back only whole (its four arms tested, and for the first seed the validations that chose SSAT's
+    variant), with the records of all its stages, so that every arm of a seed still comes from one STD-20 % model:
+    the reports of a seed cut short are left to run again with it. Seeds are restored in order, up to the first
+    that is not finished. The committed study must have run with the settings it has now."""
+    if (work / "stages.json").is_file():
+        raise SystemExit(f"{work} already holds a study (stages.json): --restore only fills an empty folder")
+    committed = results_dir / task / "ssat"
+    if not (committed / "ssat.json").is_file():
+        raise SystemExit(f"{task}: nothing to restore, {committed / 'ssat.json'} is missing")
+    summary, study = json.loads((committed / "ssat.json").read_text()), ssat_settings(task, protocol)
+    if summary.get("study") != json.loads(json.dumps(study)):
+        raise SystemExit(f"{committed / 'ssat.json'} was run with other settings than SSAT_STUDY[{task!r}] has now; "
+                         "nothing to restore (run the study without --restore)")
+    records, restored = summary.get("stages", {}), {}
+    for seed in study["seeds"]:
+        needed = _seed_reports(study, seed)
+        if not all((committed / r / "robustness.json").is_file() for r in needed):
+            break
+        for report in needed:
+            (work / report).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(committed / report / "robustness.json", work / report / "robustness.json")
+        of_seed = re.compile(rf"-{re.escape(format(study['labelled_fraction'], '.0%'))}-s{seed}(-|$)")
+        restored.update({k: v for k, v in records.items() if of_seed.search(k)})
+    atomic_write_text(work / "stages.json", json.dumps(restored, indent=2))
+    return list(restored)

@@ -236,6 +236,43 @@ def test_ssat_study_smoke_runs_every_stage_and_reports(tmp_path):
     assert all(f"| {a} |" in report for a in arms) and "| AMAT+SSAT-50% | 1 |" in report
     assert "Semi-supervised adversarial training (SSAT)" in (tmp_path / "docs" / "RESULTS.md").read_text()
 
+    # another session, without the runs: the finished seed comes back from the committed reports, nothing runs
+    restored = _run(tmp_path, "--experiment", "ssat", "--restore", "--output-dir", str(tmp_path / "elsewhere"))
+    assert f"restored {len(stages)} stages" in restored and "running" not in restored
+    assert not (tmp_path / "elsewhere" / "hippocampus-ssat" / "runs").exists()  # no model trained again
+    again = json.loads((tmp_path / "docs" / "results" / "hippocampus" / "ssat" / "ssat.json").read_text())
+    assert again["arms"] == summary["arms"] and again["variant"] == summary["variant"]
+    assert (tmp_path / "docs" / "results" / "hippocampus" / "SSAT.md").read_text() == report
+
+
+def test_ssat_restore_puts_back_only_whole_seeds_run_with_the_current_settings(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ssat_study import restore_ssat_study, ssat_settings
+
+    study = {**ssat_settings("hippocampus", "smoke"), "seeds": [0, 1]}
+    committed = tmp_path / "results" / "hippocampus" / "ssat"
+    finished = ["test/STD-50%-s0", "test/AMAT-50%-s0", "test/SSAT-50%-s0", "test/AMAT+SSAT-50%-s0",
+                "val/AMAT-50%-s0", "val/AMAT+SSAT-50%-s0-w3", "val/AMAT+SSAT-50%-s0-w3-fg",
+                "test/STD-50%-s1", "test/AMAT-50%-s1"]  # the second seed was cut short
+    for report in finished:
+        (committed / report).mkdir(parents=True)
+        (committed / report / "robustness.json").write_text("{}")
+    records = {f"{'test' if r.startswith('test') else 'validate'} {r.split('/')[1]}": {"output": f"{r}/robustness.json",
+                                                                                       "seconds": 1.0} for r in finished}
+    records.update({"train STD-50%-s0": {"output": "runs/STD-50%-s0/models/model.pt", "seconds": 2.0},
+                    "train STD-50%-s1": {"output": "runs/STD-50%-s1/models/model.pt", "seconds": 2.0}})
+    (committed / "ssat.json").write_text(json.dumps({"study": study, "stages": records}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ssat_study.ssat_settings", lambda task, protocol: study)
+        done = restore_ssat_study("hippocampus", "smoke", tmp_path / "work", tmp_path / "results")
+        assert sorted(done) == sorted(k for k in records if "-s0" in k)  # the first seed, its training's time too
+        assert not (tmp_path / "work" / "test" / "STD-50%-s1").exists()  # runs again with its seed's other arms
+        with pytest.raises(SystemExit, match="already holds a study"):
+            restore_ssat_study("hippocampus", "smoke", tmp_path / "work", tmp_path / "results")
+        patch.setattr("ssat_study.ssat_settings", lambda task, protocol: {**study, "labelled_fraction": 0.3})
+        with pytest.raises(SystemExit, match="other settings"):
+            restore_ssat_study("hippocampus", "smoke", tmp_path / "other", tmp_path / "results")
+
 
 def test_ssat_variant_is_the_most_robust_within_the_clean_tolerance_else_the_cleanest():
     sys.path.insert(0, str(ROOT / "scripts"))
