@@ -200,13 +200,15 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         rules[name] = rule
         models[name] = train_stage(name, "amat", rule)
 
-    for name in [n for n in models if n == "STD" or n.startswith("VAT")] if complete_intervals else ():
-        if stages.is_finished(f"test {name}") and not _has_case_scores(work / "test" / name):
-            stages.forget(f"test {name}")
-            models[name]()  # trained again now where its weights are gone, so that its validation runs again too
+    stale = [n for n in models if (n == "STD" or n.startswith("VAT")) and stages.is_finished(f"test {n}")
+             and not _has_case_scores(work / "test" / n)] if complete_intervals else []
+    for name in stale:
+        stages.forget(f"test {name}")
+    # trained again now where their weights are gone, so that their validations run again too
+    stages.run_independent({name: models[name] for name in stale})
     for arm, rule in study["arms"].items():
         amat_arm(f"AMAT-{arm}", {**study["amat"], **rule, "xi_file": xi["mean"]})
-    val = {name: validate(name) for name in list(models)}
+    val = stages.run_independent({name: functools.partial(validate, name) for name in models})
     best_arm = max(study["arms"], key=lambda a: _robust_score(val[f"AMAT-{a}"]))
 
     def best_so_far(prefix: str) -> str:  # on validation
@@ -227,10 +229,10 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
         best, vat_eps = best_so_far("AMAT"), float(best_so_far("VAT").removeprefix("VAT"))
         amat_arm(f"{best}-init", {**rules[best], "amat_init": vat_eps})
         val[f"{best}-init"] = validate(f"{best}-init")
-    test = {name: _evaluate_stage(stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"],
-                                  ev["steps"], ev.get("override", []), device, max_cases=max_cases["test"],
-                                  weights=weights_of(name))
-            for name, path in models.items()}
+    test = stages.run_independent({name: functools.partial(
+        _evaluate_stage, stages, f"test {name}", bundle, dataset, path, work / "test" / name, spec["eps"], ev["steps"],
+        ev.get("override", []), device, max_cases=max_cases["test"], weights=weights_of(name))
+        for name, path in models.items()})
     amat_names = [n for n in models if n.startswith("AMAT")]
     vat_names = [n for n in models if n.startswith("VAT")]
     best_amat = max(amat_names, key=lambda n: _robust_score(val[n]))  # chosen on validation

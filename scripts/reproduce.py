@@ -177,14 +177,21 @@ def train_stage(stages: "Stages", work: Path, name: str, bundle: Path, method: s
     ``std`` overrides, an adversarial method with its ``adversarial`` ones plus ``extra``, fine-tuned from
     ``std_model`` unless it resumes; ``train_kwargs`` go to every method. Returns the final weights' path."""
     run_dir = work / "runs" / name
-    resume = resume_or_restart(run_dir)
-    kwargs = {**settings["common"], "device": device, "resume": resume}
-    kwargs.update(settings["std"] if method == "std" else {**settings["adversarial"], **(extra or {})})
-    if method != "std" and std_model and not resume:
-        kwargs["init_checkpoint"] = std_model
-    kwargs.update(train_kwargs)
-    return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"),
-                      lambda: train(bundle, method, dataset, run_dir, **kwargs)["model"])
+
+    def run() -> str:  # only once the stage is claimed: another process may be training in run_dir
+        resume = resume_or_restart(run_dir)
+        kwargs = {**settings["common"], "device": device, "resume": resume}
+        kwargs.update(settings["std"] if method == "std" else {**settings["adversarial"], **(extra or {})})
+        if method != "std" and std_model and not resume:
+            kwargs["init_checkpoint"] = std_model
+        kwargs.update(train_kwargs)
+        return train(bundle, method, dataset, run_dir, **kwargs)["model"]
+
+    return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"), run)
+
+
+class StageBusy(Exception):
+    """Another process is running this stage (raised instead of waiting inside :meth:`Stages.run_independent`)."""
 
 
 class Stages:
@@ -196,12 +203,15 @@ class Stages:
     Several processes may work through the same stages at once (e.g. one per CPU core): a stage is claimed with an
     exclusive lock on ``.locks/<stage>.lock`` beside ``stages.json`` while it runs, so a second process waits for it
     instead of running it again, and records are merged into the file on disk rather than overwriting it. The
-    operating system drops the lock of a killed process, so an interrupted stage is simply run again.
+    operating system drops the lock of a killed process, so an interrupted stage is simply run again. Within
+    :meth:`run_independent`, a process puts off the jobs whose stages another holds and does the others first, so
+    that two processes started on one study share its independent stages instead of queueing behind each other.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
+        self._defer = False
         self._reload()
 
     def _reload(self) -> None:
@@ -261,10 +271,35 @@ class Stages:
                     if (done := self._finished(name)) is not None:  # finished between the check and the claim
                         return done
                     return self._run_claimed(name, output, fn)
+            if self._defer:
+                raise StageBusy(name)
             print(f"[reproduce] {name}: another process is running it, waiting", flush=True)
             with self._lock(name):  # blocks until that process finishes (or dies)
                 pass
         return done
+
+    def run_independent(self, jobs: dict[str, Any]) -> dict[str, Any]:
+        """``{key: job()}`` for jobs that do not need each other (each may run stages, e.g. train then evaluate a
+        model). A job that meets a stage another process is running is put off while any other job can go on; when
+        none can, the first one waits for that stage."""
+        results, pending = {}, list(jobs)
+        while pending:
+            busy = []
+            self._defer = True
+            try:
+                for key in pending:
+                    try:
+                        results[key] = jobs[key]()
+                    except StageBusy as stage:
+                        print(f"[reproduce] {stage}: another process is running it, put off", flush=True)
+                        busy.append(key)
+            finally:
+                self._defer = False
+            if busy and busy == pending:  # none could go on: wait for the first
+                first = busy.pop(0)
+                results[first] = jobs[first]()
+            pending = busy
+        return {key: results[key] for key in jobs}
 
     def _run_claimed(self, name: str, output: str, fn) -> str:
         print(f"[reproduce] {name}: running (output {output})", flush=True)

@@ -108,11 +108,13 @@ def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: 
     def weights_of(name: str) -> Path:
         return work / "runs" / name / "models" / "model.pt"
 
-    def evaluate(split: str, name: str, model: Callable[[], str]) -> dict[str, Any]:
+    def evaluate(split: str, name: str, model: Callable[[], str], trained_as: str | None = None) -> dict[str, Any]:
+        """Validate or test ``model``, trained as ``trained_as`` (default: ``name``)."""
         overrides = [*ev.get("override", []), *(margins["validate"] if split == "val" else [])]
         return _evaluate_stage(stages, f"{'validate' if split == 'val' else 'test'} {name}", bundle, dataset, model,
                                work / split / name, spec["eps"], ev["steps"], overrides, device,
-                               max_cases=max_cases["validate" if split == "val" else "test"], weights=weights_of(name))
+                               max_cases=max_cases["validate" if split == "val" else "test"],
+                               weights=weights_of(trained_as or name))
 
     reports: dict[str, dict[str, Any]] = {}
     ssat: dict[str, Any] | None = None  # SSAT's settings: the variant chosen on validation with the first seed
@@ -143,19 +145,18 @@ def run_ssat_study(task: str, protocol: str, data_dir: Path, out: Path, device: 
             variants = {v: {**study["ssat"], **extra} for v, extra in study["variants"].items()}
             runs = {v: train_stage(f"{names['AMAT+SSAT']}-{v}", "amat", {**study["amat"], **variants[v]}, True)
                     for v in variants}
-            val = {v: evaluate("val", f"{names['AMAT+SSAT']}-{v}", run) for v, run in runs.items()}
-            chosen = choose_variant(val, evaluate("val", names["AMAT"], models["AMAT"]), study["tolerance"])
+            to_validate = {**{f"{names['AMAT+SSAT']}-{v}": run for v, run in runs.items()}, names["AMAT"]: models["AMAT"]}
+            val = stages.run_independent({n: functools.partial(evaluate, "val", n, m) for n, m in to_validate.items()})
+            chosen = choose_variant({v: val[f"{names['AMAT+SSAT']}-{v}"] for v in runs}, val[names["AMAT"]],
+                                    study["tolerance"])
             ssat, models["AMAT+SSAT"] = variants[chosen], runs[chosen]
             tested_as = {names["AMAT+SSAT"]: f"{names['AMAT+SSAT']}-{chosen}"}
         else:
             models["AMAT+SSAT"] = train_stage(names["AMAT+SSAT"], "amat", {**study["amat"], **ssat}, True)
             tested_as = {}
         models["SSAT"] = train_stage(names["SSAT"], "vat", {**study["vat"], **ssat}, True)
-        for arm in ARMS:
-            name = names[arm]
-            reports[name] = _evaluate_stage(
-                stages, f"test {name}", bundle, dataset, models[arm], work / "test" / name, spec["eps"], ev["steps"],
-                ev.get("override", []), device, max_cases=max_cases["test"], weights=weights_of(tested_as.get(name, name)))
+        reports.update(stages.run_independent({names[arm]: functools.partial(
+            evaluate, "test", names[arm], models[arm], tested_as.get(names[arm])) for arm in ARMS}))
     return reports
 
 

@@ -288,3 +288,41 @@ def test_ssat_variant_is_the_most_robust_within_the_clean_tolerance_else_the_cle
     assert choose_variant({"w3": val["w3"], "w1": report(0.70, 0.9, 0.9)}, amat, tolerance=0.01) == "w1"  # cleanest
     mm = report(2.0, 2.5, 2.5, higher=False)  # landmarks: lower is better, the tolerance in mm
     assert choose_variant({"a": report(2.05, 2.3, 2.3, False), "b": report(2.2, 2.1, 2.1, False)}, mm, 0.1) == "a"
+
+
+def test_two_processes_share_independent_stages_instead_of_queueing(tmp_path):
+    """Within run_independent, the second process puts off the stage the first is running and does the next one."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'scripts')!r})
+from reproduce import Stages
+folder, me = Path(sys.argv[1]), sys.argv[2]
+stages = Stages(folder / "stages.json")
+def job(name, hold=False):
+    def run():
+        (folder / f"{{name}} started").write_text(me)
+        while hold and not (folder / "release").exists():  # held until the test lets go
+            time.sleep(0.05)
+        (folder / name).write_text(me)
+        return str(folder / name)
+    return lambda: stages.run(f"validate {{name}}", str(folder / name), run)
+print(stages.run_independent({{"a": job("a", hold=True), "b": job("b")}}))
+""")
+    first = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "first"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "a started").exists():
+        assert time.monotonic() < deadline and first.poll() is None, "the first worker did not start its stage"
+        time.sleep(0.05)
+    second = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "second"], stdout=subprocess.PIPE,
+                              text=True)
+    while not (tmp_path / "b").exists():  # done by the second process while the first still holds a
+        assert time.monotonic() < deadline and second.poll() is None, "the second worker did not run b"
+        time.sleep(0.05)
+    (tmp_path / "release").write_text("")
+    out = second.stdout.read()
+    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    assert "validate a: another process is running it, put off" in out and "'b':" in out.splitlines()[-1]
+    assert (tmp_path / "a").read_text() == "first" and (tmp_path / "b").read_text() == "second"  # each ran once
+    assert "validate b: done before" in first.stdout.read()
