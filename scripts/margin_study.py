@@ -202,10 +202,11 @@ def run_margin_study(task: str, protocol: str, data_dir: Path, out: Path, device
 
     stale = [n for n in models if (n == "STD" or n.startswith("VAT")) and stages.is_finished(f"test {n}")
              and not _has_case_scores(work / "test" / n)] if complete_intervals else []
+    # trained again first where their weights are gone (so that their validations run again too), then forgotten:
+    # a run cut short in between finds them stale again
+    stages.run_independent({name: models[name] for name in stale})
     for name in stale:
         stages.forget(f"test {name}")
-    # trained again now where their weights are gone, so that their validations run again too
-    stages.run_independent({name: models[name] for name in stale})
     for arm, rule in study["arms"].items():
         amat_arm(f"AMAT-{arm}", {**study["amat"], **rule, "xi_file": xi["mean"]})
     val = stages.run_independent({name: functools.partial(validate, name) for name in models})
