@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import platform
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
