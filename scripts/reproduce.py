@@ -190,6 +190,24 @@ def train_stage(stages: "Stages", work: Path, name: str, bundle: Path, method: s
     return stages.run(f"train {name}", str(run_dir / "models" / "model.pt"), run)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str, wait: bool = True):
+    """An exclusive lock named ``name`` among the processes working in ``folder`` (``folder/.locks/<name>.lock``);
+    yields False without waiting when ``wait`` is off and it is held. The system drops it when its process dies."""
+    locks = folder / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / (re.sub(r"[^\w.-]+", "_", name) + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class StageBusy(Exception):
     """Another process is running this stage (raised instead of waiting inside :meth:`Stages.run_independent`)."""
 
@@ -247,21 +265,8 @@ class Stages:
             return str(self._resolve(record["output"]))
         return None
 
-    @contextlib.contextmanager
     def _lock(self, name: str, wait: bool = True):
-        """An exclusive lock named ``name``; yields False without waiting when ``wait`` is off and it is held."""
-        locks = self.path.parent / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / (re.sub(r"[^\w.-]+", "_", name) + ".lock"), "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return folder_lock(self.path.parent, name, wait)
 
     def run(self, name: str, output: str, fn) -> str:
         """Run ``fn()`` (returning its output path) unless ``name`` finished before and ``output`` exists."""
@@ -529,8 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:
                 run(task, args.protocol, Path(args.data_dir), out, args.device,
                     **({"complete_intervals": True} if args.complete_intervals else {}))
-            report(task, args.protocol, out, results_md.parent / "results")
-        rebuild_results(results_md, results_md.parent / "results")
+            with folder_lock(out, "report"):  # two processes that finish a study together write it in turn
+                report(task, args.protocol, out, results_md.parent / "results")
+        with folder_lock(out, "report"):
+            rebuild_results(results_md, results_md.parent / "results")
         print(f"[reproduce] wrote {results_md}")
         if args.ship:
             from margin_study import ship_margin_study
