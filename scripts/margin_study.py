@@ -565,16 +565,14 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                          f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
         lines += ["", "![margins](margins/margins.png)", ""]
     # the other AMAT models' checks: from their margin history, else (a restored study) from the committed summary
-    committed_fair = committed.get("fair_chance_other_models", {}) if committed.get("best_vat_on_validation") == best_vat else {}
     others = {}
     for n in (n for n in order if n.startswith("AMAT") and n != best_amat) if best_vat else ():
-        history_file = work / "runs" / n / "margins.json"
+        eps, history_file = float(best_vat.removeprefix("VAT")), work / "runs" / n / "margins.json"
         if history_file.is_file():
-            others[n] = _fair_chance(json.loads(history_file.read_text()), float(best_vat.removeprefix("VAT")))
-        elif n in committed_fair:
-            others[n] = committed_fair[n]
+            others[n] = _fair_chance(json.loads(history_file.read_text()), eps)
+        elif committed.get("fair_chance_other_models", {}).get(n, {}).get("best_vat_eps") == eps:
+            others[n] = committed["fair_chance_other_models"][n]
     if others:
-        eps = float(best_vat.removeprefix("VAT"))
         lines += [f"The other AMAT models whose margin history is at hand (or its summary, committed in `study.json`), "
                   f"against the same ε = {eps:g}:", "",
                   "| model | time-averaged radius ≥ ε | its median | at the floor, not a clean failure | fair chance |",
