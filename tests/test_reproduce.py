@@ -233,6 +233,8 @@ def test_ssat_study_smoke_runs_every_stage_and_reports(tmp_path):
     assert tested == file_sha256(work / "runs" / f"AMAT+SSAT-50%-s0-{chosen}" / "models" / "model.pt")
     ssat_identity = json.loads((work / "runs" / "SSAT-50%-s0" / "run.json").read_text())["identity"]["ssat"]
     assert ssat_identity["confidence_threshold"] == summary["variant"]["settings"].get("ssat_confidence_threshold")
+    # STD-50 % trains for the study's own epochs (the protocol's is 1)
+    assert (work / "runs" / "STD-50%-s0" / "models" / "checkpoint_epoch=2.pt").is_file()
     state = torch.load(work / "runs" / "SSAT-50%-s0" / "models" / "checkpoint_epoch=1.pt", weights_only=False)
     assert state["ssat"]["draws"] == state["trainer"]["iteration"] > 0
     report = (tmp_path / "docs" / "results" / "hippocampus" / "SSAT.md").read_text()
