@@ -179,6 +179,16 @@ def test_stages_recorded_with_absolute_paths_survive_a_moved_folder(tmp_path):
     assert not ran and Path(out) == new / "runs" / "model.pt"  # found below the moved folder: not run again
 
 
+def _start(worker: Path, folder: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(worker), str(folder), name], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, deadline: float, failure: str) -> None:
+    while not path.exists():
+        assert time.monotonic() < deadline and process.poll() is None, failure
+        time.sleep(0.05)
+
+
 def test_a_stage_another_process_is_running_is_waited_for_and_not_run_twice(tmp_path):
     """Two processes share a study folder: the second waits for the first's stage, then skips it."""
     worker = tmp_path / "worker.py"
@@ -198,13 +208,9 @@ print(Stages(folder / "stages.json").run("train STD", str(folder / "model.pt"), 
 Stages(folder / "stages.json").run("calibrate " + sys.argv[2], str(folder / sys.argv[2]),
                                    lambda: (folder / sys.argv[2]).write_text("") or str(folder / sys.argv[2]))
 """)
-    first = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "first"], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "started").exists():
-        assert time.monotonic() < deadline and first.poll() is None, "the first worker did not start its stage"
-        time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "second"], stdout=subprocess.PIPE,
-                              text=True)
+    first, deadline = _start(worker, tmp_path, "first"), time.monotonic() + 60
+    _wait_for(tmp_path / "started", first, deadline, "the first worker did not start its stage")
+    second = _start(worker, tmp_path, "second")
     first_line = second.stdout.readline()
     (tmp_path / "release").write_text("")
     rest = second.stdout.read()
@@ -315,16 +321,11 @@ def job(name, hold=False):
     return lambda: stages.run(f"validate {{name}}", str(folder / name), run)
 print(stages.run_independent({{"a": job("a", hold=True), "b": job("b")}}))
 """)
-    first = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "first"], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "a started").exists():
-        assert time.monotonic() < deadline and first.poll() is None, "the first worker did not start its stage"
-        time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, str(worker), str(tmp_path), "second"], stdout=subprocess.PIPE,
-                              text=True)
-    while not (tmp_path / "b").exists():  # done by the second process while the first still holds a
-        assert time.monotonic() < deadline and second.poll() is None, "the second worker did not run b"
-        time.sleep(0.05)
+    first, deadline = _start(worker, tmp_path, "first"), time.monotonic() + 60
+    _wait_for(tmp_path / "a started", first, deadline, "the first worker did not start its stage")
+    second = _start(worker, tmp_path, "second")
+    # b is done by the second process while the first still holds a
+    _wait_for(tmp_path / "b", second, deadline, "the second worker did not run b")
     (tmp_path / "release").write_text("")
     out = second.stdout.read()
     assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
