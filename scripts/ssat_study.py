@@ -210,7 +210,7 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
     test = {p.parent.name: load_report(p) for p in sorted((out / "test").glob("*/robustness.json"))}
     references = _references(results_dir, task)
     higher = next(iter(test.values()))["higher_is_better"] if test else True
-    sign, digits = (1.0, 4) if higher else (-1.0, 2)
+    digits = 4 if higher else 2
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} thread(s)")
     lines = [f"## Semi-supervised adversarial training (SSAT): {spec['title']}", "",
@@ -253,22 +253,18 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
     amat_ref = next((r for n, r in references.items() if n.startswith("AMAT-100%")), None)
     if "AMAT" in arms and "AMAT+SSAT" in arms and amat_ref is not None:
         both, alone = arms["AMAT+SSAT"], arms["AMAT"]
-        gain = sign * (both["pgd"]["mean"] - alone["pgd"]["mean"])
-        spread = max(both["pgd"]["spread"], alone["pgd"]["spread"])
-        gap = sign * (amat_ref["averages"]["pgd"] - alone["pgd"]["mean"])
-        clean_loss = sign * (alone["clean"]["mean"] - both["clean"]["mean"])
-        checks = {"gain_above_seed_spread": gain > spread,
-                  "closes_half_the_gap_to_amat_100": gap > 0 and gain >= 0.5 * gap,
-                  "clean_within_tolerance": clean_loss <= study["tolerance"]}
-        holds = all(checks.values())
+        claim = judge_claim(both, alone, amat_ref["averages"]["pgd"], study["tolerance"], higher)
+        gain, spread, gap, holds = claim["gain"], claim["seed_spread"], claim["gap_to_100"], claim["holds"]
         lines += [f"**AMAT+SSAT-{fraction:.0%} against AMAT-{fraction:.0%}** (PGD avg gain above the spread between "
                   f"seeds, at least half of the gap to AMAT-100 % closed, clean within {study['tolerance']:g}): "
                   f"**{'holds' if holds else 'does not hold'}**.",
-                  f"- PGD avg gain {gain:+.{digits}f} (spread between seeds {spread:.{digits}f})",
-                  f"- gap of AMAT-{fraction:.0%} to AMAT-100 % {gap:+.{digits}f}; share closed "
-                  f"{gain / gap if gap > 0 else float('nan'):.0%}",
-                  f"- clean change {-clean_loss:+.{digits}f}", ""]
-        summary.update({"checks": checks, "holds": holds, "gain": gain, "seed_spread": spread, "gap_to_100": gap})
+                  f"- PGD avg {both['pgd']['mean']:.{digits}f} against {alone['pgd']['mean']:.{digits}f}: "
+                  f"{_better_or_worse(gain, digits)} (spread between seeds {spread:.{digits}f})",
+                  f"- AMAT-{fraction:.0%}'s PGD avg is {gap:.{digits}f} {'below' if higher else 'above'} AMAT-100 %'s; "
+                  f"share of that gap closed {gain / gap if gap > 0 else float('nan'):.0%}",
+                  f"- clean {both['clean']['mean']:.{digits}f} against {alone['clean']['mean']:.{digits}f}: "
+                  f"{_better_or_worse(claim['clean_gain'], digits)}", ""]
+        summary.update(claim)
     if stages:  # a restored seed keeps the times of its first run
         lines += ["Wall time per stage (one thread each; a stage's time is its process's wall time, so it also counts "
                   "time spent sharing the cores with other jobs or paused):", "", "| stage | minutes |", "|---|---|"]
@@ -278,6 +274,28 @@ def write_ssat_report(task: str, protocol: str, work: Path, results_dir: Path) -
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ssat.json", json.dumps(summary, indent=2))
     atomic_write_text(results_dir / task / "SSAT.md", "\n".join(lines))
+
+
+def judge_claim(both: dict[str, Any], alone: dict[str, Any], amat_100_pgd: float, tolerance: float,
+                higher_is_better: bool) -> dict[str, Any]:
+    """The issue's test of AMAT+SSAT against AMAT at the same labelled share, from the arms' means and spreads over
+    the seeds (``{"pgd": {"mean", "spread"}, "clean": {...}}``) and AMAT-100 %'s PGD avg. Gains are positive when
+    better, whichever way the metric runs (an MRE that drops is a gain)."""
+    sign = 1.0 if higher_is_better else -1.0
+    gain = sign * (both["pgd"]["mean"] - alone["pgd"]["mean"])
+    spread = max(both["pgd"]["spread"], alone["pgd"]["spread"])
+    gap = sign * (amat_100_pgd - alone["pgd"]["mean"])
+    clean_gain = sign * (both["clean"]["mean"] - alone["clean"]["mean"])
+    checks = {"gain_above_seed_spread": gain > spread,
+              "closes_half_the_gap_to_amat_100": gap > 0 and gain >= 0.5 * gap,
+              "clean_within_tolerance": clean_gain >= -tolerance}
+    return {"checks": checks, "holds": all(checks.values()), "gain": gain, "seed_spread": spread, "gap_to_100": gap,
+            "clean_gain": clean_gain}
+
+
+def _better_or_worse(gain: float, digits: int) -> str:
+    """``gain`` (positive: better, whichever way the metric runs) in words, so that an MRE that drops reads as a gain."""
+    return f"{abs(gain):.{digits}f} {'better' if gain > 0 else 'worse' if gain < 0 else 'the same'}"
 
 
 def _seed_reports(study: dict[str, Any], seed: int) -> list[str]:

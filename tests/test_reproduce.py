@@ -301,6 +301,28 @@ def test_ssat_variant_is_the_most_robust_within_the_clean_tolerance_else_the_cle
     assert choose_variant({"a": report(2.05, 2.3, 2.3, False), "b": report(2.2, 2.1, 2.1, False)}, mm, 0.1) == "a"
 
 
+def test_ssat_claim_counts_a_lower_mre_as_a_gain():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ssat_study import judge_claim
+
+    def arm(clean, pgd, pgd_spread):
+        return {"clean": {"mean": clean, "spread": 0.0}, "pgd": {"mean": pgd, "spread": pgd_spread}}
+
+    # Dice: +0.03 PGD avg over AMAT-20 % (spreads 0.004), the gap to AMAT-100 % is 0.05, clean 0.02 lower
+    dice = judge_claim(arm(0.70, 0.63, 0.004), arm(0.72, 0.60, 0.002), 0.65, tolerance=0.01, higher_is_better=True)
+    assert dice["gain"] == pytest.approx(0.03) and dice["gap_to_100"] == pytest.approx(0.05)
+    assert dice["checks"] == {"gain_above_seed_spread": True, "closes_half_the_gap_to_amat_100": True,
+                              "clean_within_tolerance": False} and not dice["holds"]
+    # MRE in mm: 7.04 -> 6.81 under PGD and 6.45 -> 6.32 clean are gains; AMAT-100 % at 2.51 leaves a gap of 4.53
+    mre = judge_claim(arm(6.32, 6.81, 0.36), arm(6.45, 7.04, 0.73), 2.51, tolerance=0.1, higher_is_better=False)
+    assert mre["gain"] == pytest.approx(0.23) and mre["gap_to_100"] == pytest.approx(4.53)
+    assert mre["clean_gain"] == pytest.approx(0.13)
+    assert mre["checks"] == {"gain_above_seed_spread": False, "closes_half_the_gap_to_amat_100": False,
+                             "clean_within_tolerance": True}
+    both_good = judge_claim(arm(6.5, 4.0, 0.2), arm(6.45, 7.04, 0.73), 2.51, tolerance=0.1, higher_is_better=False)
+    assert both_good["holds"]  # 3.04 mm better (> 0.73, > half of 4.53), clean 0.05 mm worse (within 0.1)
+
+
 def test_two_processes_share_independent_stages_instead_of_queueing(tmp_path):
     """Within run_independent, the second process puts off the stage the first is running and does the next one."""
     worker = tmp_path / "worker.py"
