@@ -565,9 +565,9 @@ def write_margin_report(task: str, protocol: str, work: Path, results_dir: Path,
                          f"{m['max']:.2f} | {o['grown']} | {o['shrunk']} | {o['frozen']} |")
         lines += ["", "![margins](margins/margins.png)", ""]
     # the other AMAT models' checks: from their margin history, else (a restored study) from the committed summary
-    others = {}
+    others, eps = {}, float(best_vat.removeprefix("VAT")) if best_vat else None
     for n in (n for n in order if n.startswith("AMAT") and n != best_amat) if best_vat else ():
-        eps, history_file = float(best_vat.removeprefix("VAT")), work / "runs" / n / "margins.json"
+        history_file = work / "runs" / n / "margins.json"
         if history_file.is_file():
             others[n] = _fair_chance(json.loads(history_file.read_text()), eps)
         elif committed.get("fair_chance_other_models", {}).get(n, {}).get("best_vat_eps") == eps:
