@@ -263,6 +263,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
     sanity = "all passed" if not failed else "; ".join(f"{k}: {', '.join(w)}" for k, w in failed.items())
     condition = cfg["amat"].get("amat_condition", "metric")
     threshold = xi_content["metric"]["xi"] if condition == "metric" else xi_content["total"]["xi"]
+    kernels = f" ({torch.backends.cpu.get_cpu_capability()} kernels)" if str(device) == "cpu" else ""
     notes = (
         f"Dice (Average Dice Index over {n} synthetic test slices that contain both structures; higher is better). "
         f"The two structures are equally bright; one is small, round and carries a faint voxel checkerboard "
@@ -274,7 +275,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_runs", device: str | None = N
         f"shrink {cfg['amat'].get('amat_shrink', 'halfway')!r} "
         f"(ξ = {threshold:.4f} from the STD model), final margins mean {m.mean():.2f}, max {m.max():.2f} over "
         f"{m.numel()} training slices. Evaluator sanity checks: {sanity}. "
-        f"Wall time {seconds:.0f} s on {device} with {torch.get_num_threads()} threads."
+        f"Wall time {seconds:.0f} s on {device}{kernels} with {torch.get_num_threads()} thread(s). Seeded: every run on "
+        "one machine gives this table; a CPU with other vector kernels rounds differently, and the training drifts."
     )
     summary = f"{table}\n\n{notes}\n"
     atomic_write_text(out / "summary.md", summary)
